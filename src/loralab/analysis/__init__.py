@@ -1,0 +1,27 @@
+"""Post-hoc analysis of LoRA runs: subspace similarity, amplification, results tables and plots."""
+
+from loralab.analysis.subspace import (
+    Adapter,
+    AnalysisError,
+    amplification,
+    base_weights,
+    compare,
+    load_adapter,
+    phi,
+    phi_grid,
+    projection_distance,
+    random_phi_grid,
+)
+
+__all__ = [
+    "Adapter",
+    "AnalysisError",
+    "amplification",
+    "base_weights",
+    "compare",
+    "load_adapter",
+    "phi",
+    "phi_grid",
+    "projection_distance",
+    "random_phi_grid",
+]

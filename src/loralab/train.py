@@ -1,0 +1,119 @@
+"""run(cfg): config -> run store -> data -> model -> module -> trainer -> results. Wiring only."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from omegaconf import DictConfig
+
+from .callbacks import Throughput, peak_memory_mb, reset_peak_memory
+from .checkpoint_io import SafetensorsCheckpointIO
+from .config import Config, to_config
+from .data import GlueDataModule, check_split
+from .model import build_model, check_modules, count_params, load_tokenizer, resolve_model_path, save_trained, skeleton
+from .module import GlueModule
+from .speed import resolve_precision
+from .store import RunRecord, read_results, run_dir
+
+log = logging.getLogger("loralab")
+LAST_CKPT = "last.safetensors"
+
+
+def preflight(cfg: Config) -> str:
+    """Everything that can fail cheaply fails here: model source, data splits, module names."""
+    resolved = resolve_model_path(cfg.model.path, cfg.model.revision)
+    for split in ("train", *cfg.task.eval_splits):
+        check_split(cfg.task, split, cfg.data.dir)
+    check_modules(cfg, skeleton(cfg.model, cfg.task.num_labels, resolved))
+    return resolved
+
+
+def make_loggers(cfg: Config, folder: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers: list = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(str(folder), name="logs", version=""))
+    if cfg.logger.wandb:
+        from .tracking import wandb_logger
+
+        loggers.append(wandb_logger(cfg, folder))
+    return loggers
+
+
+def make_trainer(cfg: Config, folder: Path, throughput: Throughput) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=str(folder / "checkpoints"), filename="last", save_top_k=0, save_last=True,
+                           every_n_epochs=cfg.store.checkpoint_every_n_epochs, enable_version_counter=False)
+    ckpt.FILE_EXTENSION = ".safetensors"
+    args: dict[str, Any] = dict(cfg.trainer)
+    args["precision"] = resolve_precision(args.get("precision"), str(args.get("accelerator")))
+    return L.Trainer(default_root_dir=str(folder), logger=make_loggers(cfg, folder) or False,
+                     callbacks=[ckpt, throughput], plugins=[SafetensorsCheckpointIO()],
+                     use_distributed_sampler=False, **args)
+
+
+def train(cfg: Config, resolved: str, folder: Path) -> dict[str, Any]:
+    """Fit (resuming from the last checkpoint when there is one) and return the results fields."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    reset_peak_memory()
+    tokenizer = load_tokenizer(cfg.model, resolved)
+    datamodule = GlueDataModule(cfg.task, cfg.data, tokenizer, cfg.seed)
+    model = build_model(cfg, resolved, tokenizer)
+    trainable, total = count_params(model)
+    module = GlueModule(model, cfg)
+    if cfg.compile:
+        module.model.compile(dynamic=True)
+    throughput = Throughput()
+    trainer = make_trainer(cfg, folder, throughput)
+    last = folder / "checkpoints" / LAST_CKPT
+    resume = str(last) if cfg.store.resume and last.exists() else None
+    if resume:
+        log.info("resuming %s from %s", folder.name, last)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    train_time = time.perf_counter() - start
+    if not module.history or module.history[-1]["step"] != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # stopped mid-epoch (max_steps): score the end
+    if trainer.global_rank != 0:
+        return {}
+    adapter_bytes = save_trained(model, cfg, folder / "adapter") if cfg.store.save_adapter else 0
+    best, final = module.best or {}, (module.history[-1] if module.history else {})
+    keys = cfg.task.metric_keys()
+    return {"metrics": {"best": {k: best.get(k) for k in keys}, "final": {k: final.get(k) for k in keys}},
+            "main_metric": {"name": cfg.task.main_metric, "value": best.get(cfg.task.main_metric)},
+            "best_epoch": best.get("epoch"), "history": module.history,
+            "trainable_params": trainable, "total_params": total, "adapter_bytes": adapter_bytes,
+            "train_time_s": round(train_time, 2), "train_samples_per_s": round(throughput.samples_per_s, 2),
+            "train_samples": throughput.samples, "resumed_from": resume,
+            "first_step_at": throughput.first_step_at, "peak_memory_mb": round(peak_memory_mb(), 1),
+            "precision": str(trainer.precision), "global_steps": trainer.global_step}
+
+
+def run(raw: DictConfig | Config) -> Optional[float]:
+    """One run. Returns the main metric (what a Hydra sweeper optimizes), or None when the run failed."""
+    cfg = raw if isinstance(raw, Config) else to_config(raw)  # bad values fail here, before anything loads
+    folder = run_dir(cfg)
+    done = read_results(folder)
+    if cfg.store.skip_finished and done and done.get("status") == "finished":
+        log.info("skip %s: already finished (%s=%s)", folder, cfg.task.main_metric, done["main_metric"]["value"])
+        return done["main_metric"]["value"]
+    resolved = preflight(cfg)
+    record = RunRecord(cfg, folder)
+    record.start()
+    try:
+        fields = train(cfg, resolved, folder)
+    except BaseException as e:  # recorded, then re-raised: the caller decides whether a sweep goes on
+        record.fail(e)
+        raise
+    if not fields:  # a non-zero DDP rank: rank 0 writes results and the adapter once
+        return None
+    data = record.finish(**fields)
+    main = data["main_metric"]
+    print(f"dev {main['name']} = {main['value']:.4f}  (task {cfg.task.name}, best epoch {data['best_epoch']}, "
+          f"{data['train_samples_per_s']:.0f} samples/s, {data['train_time_s']:.0f} s)  results: {folder}/results.json")
+    return main["value"]
