@@ -268,3 +268,5 @@ def _uid() -> str:
 
 if not OmegaConf.has_resolver("loralab.uid"):
     OmegaConf.register_new_resolver("loralab.uid", _uid)
+if not OmegaConf.has_resolver("loralab.mul"):  # coupled sweep axes, e.g. lora.alpha: ${loralab.mul:${lora.r},2}
+    OmegaConf.register_new_resolver("loralab.mul", lambda a, b: a * b)

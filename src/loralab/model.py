@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,10 @@ def linear_names(model: nn.Module) -> list[str]:
 def check_modules(cfg: Config, model: nn.Module) -> None:
     """Target and head modules must exist in the model; say which names it does have."""
     names = linear_names(model)
+    full = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if cfg.lora.method == "lora" and cfg.lora.target_modules != ["all-linear"]:
-        for t in cfg.lora.target_modules:
-            if t not in names:
+        for t in cfg.lora.target_modules:  # peft matches a name or a dotted suffix (attention.output.dense)
+            if not any(n == t or n.endswith("." + t) for n in full):
                 raise ConfigError(f"lora.target_modules contains {t!r}, which {cfg.model.name} does not have. "
                                   f"Its linear modules are: {', '.join(names)} (or use [all-linear])")
     top = {n.split(".")[0] for n, _ in model.named_modules() if n} | {n.split(".")[-1] for n, _ in model.named_modules()}
@@ -100,7 +102,8 @@ def quantization_config(cfg: Config):
 
     # The new classification head (and any other trained head module) must stay out of quantization: bitsandbytes
     # 0.50 fails on freshly initialized quantized heads (FACTS.md).
-    skip = list(cfg.model.head_modules) + ["score"]
+    # Patterns match a head at any depth ("pooler" -> "bert.pooler.dense"); a bare name only matches a prefix/suffix.
+    skip = [rf"(?:.*\.)?{re.escape(h)}" for h in dict.fromkeys([*cfg.model.head_modules, "score"])]
     if cfg.quant.mode == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant.mode,

@@ -7,16 +7,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import Throughput, peak_memory_mb, reset_peak_memory
 from .checkpoint_io import SafetensorsCheckpointIO
-from .config import Config, to_config
+from .config import Config, ConfigError, to_config
 from .data import GlueDataModule, check_split
 from .model import build_model, check_modules, count_params, load_tokenizer, resolve_model_path, save_trained, skeleton
 from .module import GlueModule
 from .speed import resolve_precision
-from .store import RunRecord, read_results, run_dir
+from .store import RESULTS, RunRecord, read_results, run_dir, write_json
+from .summary import RUN_LINK
 
 log = logging.getLogger("loralab")
 LAST_CKPT = "last.safetensors"
@@ -94,25 +95,65 @@ def train(cfg: Config, resolved: str, folder: Path) -> dict[str, Any]:
             "precision": str(trainer.precision), "global_steps": trainer.global_step}
 
 
+def hydra_job_dir() -> Optional[Path]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def link_job(folder: Path) -> None:
+    """Inside a Hydra job, link the job folder to the run's folder in the store (summaries follow the link)."""
+    job = hydra_job_dir()
+    if job is None:
+        return
+    link = job / RUN_LINK
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(folder.resolve(), target_is_directory=True)
+
+
+def _container(raw: DictConfig) -> dict:
+    try:
+        return OmegaConf.to_container(raw, resolve=True)  # type: ignore[return-value]
+    except Exception:
+        return OmegaConf.to_container(raw, resolve=False)  # type: ignore[return-value]
+
+
 def run(raw: DictConfig | Config) -> Optional[float]:
-    """One run. Returns the main metric (what a Hydra sweeper optimizes), or None when the run failed."""
-    cfg = raw if isinstance(raw, Config) else to_config(raw)  # bad values fail here, before anything loads
+    """One run. Returns the main metric (what a Hydra sweeper optimizes); raises when the run failed."""
+    try:
+        cfg = raw if isinstance(raw, Config) else to_config(raw)  # bad values fail here, before anything loads
+    except ConfigError as e:
+        job = hydra_job_dir()
+        if job is not None:  # a sweep's invalid combination is recorded like any other failure
+            write_json(job / RESULTS, {"status": "failed", "run_id": None, "error": f"ConfigError: {e}",
+                                       "config": _container(raw)})
+        raise
     folder = run_dir(cfg)
+    link_job(folder)
     done = read_results(folder)
     if cfg.store.skip_finished and done and done.get("status") == "finished":
         log.info("skip %s: already finished (%s=%s)", folder, cfg.task.main_metric, done["main_metric"]["value"])
         return done["main_metric"]["value"]
-    resolved = preflight(cfg)
     record = RunRecord(cfg, folder)
-    record.start()
     try:
+        resolved = preflight(cfg)
+        record.start()
         fields = train(cfg, resolved, folder)
-    except BaseException as e:  # recorded, then re-raised: the caller decides whether a sweep goes on
+        if not fields:  # a non-zero DDP rank: rank 0 writes results and the adapter once
+            return None
+        data = record.finish(**fields)
+        if cfg.logger.wandb:
+            from .tracking import log_summary
+
+            log_summary(data)
+    except BaseException as e:  # recorded, then re-raised: the sweeper records it and goes on
         record.fail(e)
         raise
-    if not fields:  # a non-zero DDP rank: rank 0 writes results and the adapter once
-        return None
-    data = record.finish(**fields)
+    finally:
+        from .tracking import finish
+
+        finish()
     main = data["main_metric"]
     print(f"dev {main['name']} = {main['value']:.4f}  (task {cfg.task.name}, best epoch {data['best_epoch']}, "
           f"{data['train_samples_per_s']:.0f} samples/s, {data['train_time_s']:.0f} s)  results: {folder}/results.json")

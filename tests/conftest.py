@@ -1,0 +1,46 @@
+"""Shared test setup: offline environment, a session-wide tokenization cache, config composition helpers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Set before loralab is imported anywhere: configs read GLUE_DIR when composed, hub checks read HF_HUB_OFFLINE.
+os.environ.setdefault("GLUE_DIR", str((REPO.parent / "shared" / "glue").resolve()))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["WANDB_MODE"] = "disabled"
+
+GLUE_DIR = os.environ["GLUE_DIR"]
+
+from loralab.config import Config, compose  # noqa: E402
+
+Compose = Callable[..., Config]
+
+
+def needs_glue(*tasks: str) -> pytest.MarkDecorator:
+    """Skip when the local GLUE mirror lacks a task (tests that read real data)."""
+    missing = [t for t in tasks if not (Path(GLUE_DIR) / t).is_dir()]
+    return pytest.mark.skipif(bool(missing), reason=f"GLUE mirror {GLUE_DIR} lacks {missing}")
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tokenization cache for the whole session, so each split is tokenized once."""
+    return tmp_path_factory.mktemp("token_cache")
+
+
+@pytest.fixture(scope="session")
+def compose_cfg(tmp_path_factory: pytest.TempPathFactory, token_cache: Path) -> Compose:
+    """`compose_cfg(overrides, root=None)`: a validated Config with a tmp run store and no progress bar."""
+
+    def _compose(overrides: Sequence[str] = (), root: Optional[Path] = None) -> Config:
+        root = root or tmp_path_factory.mktemp("runs")
+        return compose([f"store.root={root}", f"data.cache_dir={token_cache}",
+                        "trainer.enable_progress_bar=false", *overrides])
+
+    return _compose
