@@ -40,8 +40,11 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     if cfg.lora.method == "lora" and cfg.lora.lr_ratio is not None:
         from peft.optimizers import create_loraplus_optimizer
 
+        # LoRA+ (Hayou et al. 2024): lr_B = lr_ratio * lr_A. peft puts lora_B and every 1-D trainable tensor (biases,
+        # DoRA magnitudes) in the fast group; its groups carry their own weight decay (`loraplus_weight_decay`), so a
+        # plain `weight_decay` would be silently overridden to 0.
         return create_loraplus_optimizer(model=model, optimizer_cls=cls, loraplus_lr_ratio=cfg.lora.lr_ratio,
-                                         weight_decay=o.weight_decay, **kwargs)
+                                         loraplus_weight_decay=o.weight_decay, **kwargs)
     return cls(param_groups(model, o.weight_decay), **kwargs)
 
 

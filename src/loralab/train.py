@@ -48,7 +48,8 @@ def make_loggers(cfg: Config, folder: Path) -> list:
 def make_trainer(cfg: Config, folder: Path, throughput: Throughput) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    ckpt = ModelCheckpoint(dirpath=str(folder / "checkpoints"), filename="last", save_top_k=0, save_last=True,
+    # One file, overwritten at each epoch end (atomically, by SafetensorsCheckpointIO): the resume point.
+    ckpt = ModelCheckpoint(dirpath=str(folder / "checkpoints"), filename="last", save_top_k=1, monitor=None,
                            every_n_epochs=cfg.store.checkpoint_every_n_epochs, enable_version_counter=False)
     ckpt.FILE_EXTENSION = ".safetensors"
     args: dict[str, Any] = dict(cfg.trainer)

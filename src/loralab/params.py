@@ -1,0 +1,312 @@
+"""`loralab params`: exact parameter counts, adapter size and a training-memory estimate, from dimensions alone.
+
+The model is built on the meta device from loralab/model_configs/<arch>.json (no weights, no network) and the adapter
+is applied there by peft itself, so the counts are peft's own. Memory estimate, in bytes:
+
+- weights: every parameter in fp32 (4 B; loralab loads fp32), or frozen base weights in bf16 (2 B, trainable ones
+  stay fp32), or bitsandbytes int8 (1 B per weight + one fp32 scale per output row) or nf4/fp4 (0.5 B per weight +
+  one fp32 absmax per 64 weights; with double quantization one uint8 absmax per 64 and one fp32 per 256 blocks).
+  Only the linear layers of the base are quantized: embeddings, norms, biases and head modules stay fp32.
+- gradients: 4 B per trainable parameter (trainable parameters are fp32).
+- optimizer: AdamW 2 fp32 states = 8 B per trainable parameter; bitsandbytes 8-bit AdamW 2 uint8 states + one fp32
+  absmax per 256 values per state, for tensors of >= 4096 elements (smaller ones keep fp32 states).
+- activations (what autograd saves in one forward pass), per layer, after Korthikanti et al. 2022 ("Reducing
+  Activation Recomputation in Large Transformer Models", sec. 4.1), generalized to GQA, gated MLPs, fused attention
+  and frozen weights. b = batch, s = data.max_length (an upper bound: batches are padded dynamically), h = hidden,
+  i = intermediate, a = heads, d_q = a * head_dim, d_kv = kv_heads * head_dim, e = bytes per activation
+  (4 in fp32, 2 under bf16/fp16), m = bytes per dropout mask (1 on GPU; on CPU torch keeps masks as floats, e):
+    2sbh e                       inputs of the two norms (full fine-tuning of RMSNorm models: 4sbh e)
+    sb(d_q + 2 d_kv) e           Q, K, V kept by the attention kernel
+    fused attention: sb d_q e    its output (flash / memory-efficient sdpa: no s^2 scores)
+    else: a s^2 b (2e + m)       softmax output, attention-dropout mask and output (a s^2 b e without dropout)
+    2sbh m                       the two hidden-dropout masks (when hidden dropout > 0)
+    sbi e  (gated MLP: 3 sbi e)  activation-function inputs (SwiGLU: gate, up and act outputs)
+  plus the inputs of the projection groups, which autograd keeps only when something needs them: the input of q/k/v
+  (sbh), of the output projection (sb d_q; kept anyway by fused attention), of the up/gate projection (sbh) and of the
+  down projection (sbi). Full fine-tuning keeps all four; LoRA keeps a group's input when one of its modules is adapted
+  (lora dropout 0) or, with lora dropout, one dropped-out copy (e) and mask (m) per adapted module; plus each adapter's
+  s b r e intermediate. BitFit keeps none (bias gradients need no inputs); head-only training keeps no layer
+  activations. Plus 2sbh e for the embeddings. Gradient checkpointing keeps each layer's input (sbh e) plus one layer's
+  activations. Checked against tensors autograd really saves for MiniLM and tiny Llama (tests/test_params.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config, compose
+from .model import _is_head, check_modules, count_params, mark_trainable, peft_config, skeleton
+
+QUANT_MODES = ("fp32", "bf16", "int8", "nf4")
+BNB_4BIT_BLOCK = 64       # bitsandbytes 4-bit blocksize (weights per absmax)
+BNB_NESTED_BLOCK = 256    # double quantization: absmax values per second-level fp32 absmax
+BNB_OPTIM_BLOCK = 256     # bitsandbytes 8-bit optimizer state blocksize
+BNB_OPTIM_MIN_SIZE = 4096  # bitsandbytes keeps fp32 states for tensors smaller than this
+LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|blocks)\.(\d+)\.")
+ROLES = (("qkv", re.compile(r"(query|key|value|[qkv]_proj|query_proj|key_proj|value_proj|qkv_proj|in_proj)$")),
+         ("o", re.compile(r"(attention\.output\.dense|o_proj|out_proj)$")),
+         ("up", re.compile(r"(intermediate\.dense|up_proj|gate_proj|fc1)$")),
+         ("down", re.compile(r"(output\.dense|down_proj|fc2)$")))
+
+
+def meta_model(cfg: Config) -> tuple[nn.Module, nn.Module, int]:
+    """(trainable model, its base classifier, the base's parameter count) on the meta device: the peft model for
+    LoRA, else the baseline's requires_grad masking."""
+    base = skeleton(cfg.model, cfg.task.num_labels)
+    check_modules(cfg, base)
+    base_total = sum(p.numel() for p in base.parameters())
+    if cfg.lora.method != "lora":
+        return mark_trainable(base, cfg.lora.method, list(cfg.model.head_modules)), base, base_total
+    from peft import get_peft_model
+
+    # Initializations only change values, except MiCA, which freezes B; the decompositions are skipped on meta anyway.
+    lora = cfg.lora if cfg.lora.init == "mica" else replace(cfg.lora, init="default")
+    with torch.device("meta"):
+        model = get_peft_model(base, peft_config(replace(cfg, lora=lora)))
+    return model, model.get_base_model(), base_total
+
+
+def _layer(name: str) -> int | None:
+    m = LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _role(name: str) -> str:
+    return next((role for role, pattern in ROLES if pattern.search(name)), "other")
+
+
+def adapted_modules(model: nn.Module) -> list[dict[str, Any]]:
+    """Every LoRA-adapted module: name, layer, role, in/out features and rank."""
+    out = []
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if isinstance(lora_a, nn.ModuleDict) and "default" in lora_a:
+            a = lora_a["default"]
+            out.append({"name": name, "layer": _layer(name), "role": _role(name),
+                        "in": a.in_features, "out": module.lora_B["default"].out_features, "r": a.out_features})
+    return out
+
+
+def lora_param_counts(model: nn.Module) -> tuple[int, dict[int, int]]:
+    """LoRA-only parameters (A, B, DoRA magnitudes): total and per layer."""
+    total, per_layer = 0, {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            total += p.numel()
+            layer = _layer(name)
+            if layer is not None:
+                per_layer[layer] = per_layer.get(layer, 0) + p.numel()
+    return total, dict(sorted(per_layer.items()))
+
+
+def weight_bytes(model: nn.Module, heads: list[str], double_quant: bool) -> dict[str, int]:
+    """Bytes of all weights under each storage mode (see the module docstring)."""
+    skip = [*heads, "score"]
+    quantized: set[int] = set()
+    out = dict.fromkeys(QUANT_MODES, 0)
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if (isinstance(module, nn.Linear) and not _is_head(name, skip)
+                and not {"lora_A", "lora_B", "lora_magnitude_vector"} & set(parts)):
+            w = module.weight
+            quantized.add(id(w))
+            n, rows = w.numel(), w.shape[0]
+            blocks = math.ceil(n / BNB_4BIT_BLOCK)
+            absmax = blocks + 4 * math.ceil(blocks / BNB_NESTED_BLOCK) if double_quant else 4 * blocks
+            out["fp32"] += 4 * n
+            out["bf16"] += 2 * n
+            out["int8"] += n + 4 * rows
+            out["nf4"] += math.ceil(n / 2) + absmax
+    for p in model.parameters():
+        if id(p) in quantized:
+            continue
+        n = p.numel()
+        for mode in QUANT_MODES:
+            out[mode] += 2 * n if (mode == "bf16" and not p.requires_grad) else 4 * n
+    return out
+
+
+def optimizer_bytes(model: nn.Module, name: str) -> int:
+    total = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        n = p.numel()
+        if name == "adamw" or n < BNB_OPTIM_MIN_SIZE:
+            total += 8 * n
+        else:
+            total += 2 * n + 2 * 4 * math.ceil(n / BNB_OPTIM_BLOCK)
+    return total
+
+
+def resolved_precision(cfg: Config) -> str:
+    from .speed import resolve_precision
+
+    precision, acc = cfg.trainer.get("precision"), str(cfg.trainer.get("accelerator", "auto"))
+    if precision in (None, "auto") and acc in ("gpu", "cuda"):
+        return "bf16-mixed"  # what `auto` picks on any bf16-capable GPU, whether or not this machine has one
+    return resolve_precision(precision, acc)
+
+
+def _dims(conf) -> dict[str, Any]:
+    h, a = conf.hidden_size, conf.num_attention_heads
+    head_dim = getattr(conf, "head_dim", None) or h // a
+    kv = getattr(conf, "num_key_value_heads", None) or a
+    p_attn = getattr(conf, "attention_probs_dropout_prob", None) or getattr(conf, "attention_dropout", None) or 0.0
+    return {"h": h, "a": a, "L": conf.num_hidden_layers, "i": conf.intermediate_size, "dq": a * head_dim,
+            "dkv": kv * head_dim, "p_hidden": getattr(conf, "hidden_dropout_prob", None) or 0.0,
+            "p_attn": float(p_attn)}
+
+
+def activation_bytes(cfg: Config, base: nn.Module, adapted: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-layer and total activation memory for one micro-batch (formula in the module docstring)."""
+    d = _dims(base.config)
+    precision = resolved_precision(cfg)
+    gpu = str(cfg.trainer.get("accelerator", "auto")) in ("gpu", "cuda")
+    e = 2 if precision.startswith(("bf16", "16")) else 4
+    m = 1 if gpu else e
+    b, s = cfg.data.batch_size, cfg.data.max_length
+    gated = any(n.endswith("gate_proj") for n, _ in base.named_modules())
+    rms_norm = any("RMSNorm" in type(mod).__name__ for mod in base.modules())
+    fused = bool(getattr(base, "_supports_sdpa", False)) and base.config.model_type != "deberta-v2" and (
+        gpu or d["p_attn"] == 0)
+    method, p_lora = cfg.lora.method, cfg.lora.dropout
+    sbh = s * b * d["h"]
+    groups = {"qkv": sbh, "o": s * b * d["dq"], "up": sbh, "down": s * b * d["i"]}
+    per_layer = []
+    for layer in range(d["L"]):
+        if method == "head":
+            per_layer.append(0)
+            continue
+        el = 2 * sbh + s * b * (d["dq"] + 2 * d["dkv"]) + (3 if gated else 1) * s * b * d["i"]
+        if method == "full" and rms_norm:  # python RMSNorms also keep their normalized output for the weight's grad
+            el += 2 * sbh
+        masks = 2 * sbh if d["p_hidden"] > 0 else 0
+        if fused:
+            el += s * b * d["dq"]
+        else:
+            scores = d["a"] * s * s * b
+            el += scores * (2 if d["p_attn"] > 0 else 1)
+            masks += scores if d["p_attn"] > 0 else 0
+        mine = [x for x in adapted if x["layer"] == layer]
+        for group, size in groups.items():
+            users = [x for x in mine if x["role"] == group]
+            kept_anyway = group == "o" and fused
+            if not kept_anyway and (method == "full" or (users and p_lora == 0)):
+                el += size
+            for x in users:
+                el += s * b * x["r"]
+                if p_lora > 0:
+                    el += size
+                    masks += size
+        per_layer.append(el * e + masks * m)
+    extra = 0 if method == "head" else 2 * sbh * e
+    total = sum(per_layer) + extra
+    checkpointed = (d["L"] * sbh * e + max(per_layer, default=0) + extra) if method != "head" else 0
+    return {"total": total, "checkpointed": checkpointed, "per_layer": per_layer, "batch_size": b, "seq_len": s,
+            "precision": precision, "bytes_per_activation": e, "bytes_per_mask": m, "fused_attention": fused,
+            "gated_mlp": gated}
+
+
+def weights_mode(cfg: Config) -> str:
+    return {"none": "fp32", "int8": "int8", "nf4": "nf4", "fp4": "nf4"}[cfg.quant.mode]
+
+
+def estimate(cfg: Config) -> dict[str, Any]:
+    """Parameter counts, adapter size and the training-memory breakdown (bytes) for a config, without weights."""
+    model, base, base_total = meta_model(cfg)
+    trainable, total = count_params(model)
+    lora_total, lora_per_layer = lora_param_counts(model)
+    adapted = adapted_modules(model)
+    weights = weight_bytes(model, list(cfg.model.head_modules), cfg.quant.double_quant)
+    mode = weights_mode(cfg)
+    acts = activation_bytes(cfg, base, adapted)
+    grads = 4 * trainable
+    optim = optimizer_bytes(model, cfg.optim.name)
+    memory = {"weights": weights[mode], "gradients": grads, "optimizer": optim, "activations": acts["total"]}
+    memory["total"] = sum(memory.values())
+    memory["total_checkpointed"] = memory["total"] - acts["total"] + acts["checkpointed"]
+    return {
+        "model": cfg.model.name, "arch": cfg.model.arch, "method": cfg.lora.method,
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules),
+                 "use_dora": cfg.lora.use_dora, "use_rslora": cfg.lora.use_rslora} if cfg.lora.method == "lora" else None,
+        "params": {"trainable": trainable, "total": total, "base_total": base_total,
+                   "lora": lora_total, "lora_per_layer": lora_per_layer, "head": trainable - lora_total,
+                   "adapted_modules": len(adapted), "trainable_pct": 100.0 * trainable / total},
+        "adapter_bytes": {"fp32": 4 * trainable, "bf16": 2 * trainable,
+                          "lora_only_fp32": 4 * lora_total, "lora_only_bf16": 2 * lora_total},
+        "memory": {**memory, "weights_mode": mode, "weights_by_mode": weights, "optimizer_name": cfg.optim.name,
+                   "activations": acts},
+    }
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_table(est: dict[str, Any]) -> str:
+    p, mem, acts, lora = est["params"], est["memory"], est["memory"]["activations"], est["lora"]
+    title = f"{est['model']} ({est['arch']}), method={est['method']}"
+    if lora:
+        title += f", r={lora['r']} alpha={lora['alpha']} targets={','.join(lora['target_modules'])}"
+        title += "".join(f" {k}" for k in ("use_dora", "use_rslora") if lora[k])
+    per_layer = set(p["lora_per_layer"].values())
+    lora_note = (f"  ({per_layer.pop():,} per adapted layer, {len(p['lora_per_layer'])} layers)"
+                 if len(per_layer) == 1 else "")
+    adapter = est["adapter_bytes"]
+    rows = [title, ""]
+    rows.append(f"  trainable parameters   {p['trainable']:>16,}  ({p['trainable_pct']:.4f}% of {p['total']:,}; "
+                f"base model {p['base_total']:,})")
+    rows.append(f"  LoRA parameters        {p['lora']:>16,}{lora_note}")
+    rows.append(f"  head / other trainable {p['head']:>16,}")
+    rows.append(f"  adapter size           {_fmt_bytes(adapter['fp32']):>16} fp32, {_fmt_bytes(adapter['bf16'])} bf16 "
+                f"(LoRA only: {_fmt_bytes(adapter['lora_only_fp32'])} fp32)")
+    rows.append("")
+    rows.append(f"  training memory (batch {acts['batch_size']}, length {acts['seq_len']}, {acts['precision']}, "
+                f"{'fused' if acts['fused_attention'] else 'eager'} attention)")
+    for mode, value in mem["weights_by_mode"].items():
+        mark = "  <- this config" if mode == mem["weights_mode"] else ""
+        rows.append(f"    weights {mode:<14} {_fmt_bytes(value):>16}{mark}")
+    rows.append(f"    gradients              {_fmt_bytes(mem['gradients']):>16}")
+    rows.append(f"    optimizer {mem['optimizer_name']:<14} {_fmt_bytes(mem['optimizer']):>16}")
+    rows.append(f"    activations            {_fmt_bytes(acts['total']):>16}"
+                f"  ({_fmt_bytes(acts['checkpointed'])} with gradient checkpointing)")
+    rows.append(f"    total                  {_fmt_bytes(mem['total']):>16}"
+                f"  ({_fmt_bytes(mem['total_checkpointed'])} with gradient checkpointing)")
+    return "\n".join(rows)
+
+
+def command(args: argparse.Namespace) -> int:
+    import warnings
+
+    overrides = [o for o in args.overrides if o != "--json"]
+    with warnings.catch_warnings():  # transformers' deprecation chatter while building the skeleton
+        warnings.simplefilter("ignore", FutureWarning)
+        est = estimate(compose(overrides))
+    if args.json or "--json" in args.overrides:
+        print(json.dumps(est, indent=2))
+    else:
+        print(format_table(est))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("params", help="parameter counts, adapter size and training-memory estimate "
+                                             "(no weights, no network)",
+                              description="Build the model from its dimensions on the meta device, apply the adapter "
+                                          "and report parameters and memory. Overrides are Hydra-style, e.g. "
+                                          "`loralab params model=roberta-base lora.r=8 'lora.target_modules=[query,value]'`.")
+    p.add_argument("--json", action="store_true", help="print the full estimate as JSON")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides (model=..., lora.r=..., quant=...)")
+    p.set_defaults(func=command)

@@ -1,0 +1,168 @@
+"""`loralab params`: exact LoRA parameter counts (the paper's figures), meta vs real counts, memory estimate checks."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loralab import cli
+from loralab.config import ConfigError, compose
+from loralab.params import estimate
+
+QV = "lora.target_modules=[query,value]"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The shared 2-core machine: two torch threads under load are far slower than one for these small models."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("overrides, lora_params", [
+    (["model=roberta-base", "lora.r=8", QV], 294_912),          # the paper's 0.3M (Table 2)
+    (["model=roberta-large", "lora.r=8", QV], 786_432),         # the paper's 0.8M
+    (["model=llama-2-7b", "lora.r=8", "lora.target_modules=[q_proj,v_proj]"], 4_194_304),
+    (["model=minilm", "lora.r=8", QV], 73_728),
+])
+def test_paper_lora_counts(offline, overrides, lora_params):
+    est = estimate(compose(overrides))
+    assert est["params"]["lora"] == lora_params
+    assert est["adapter_bytes"]["lora_only_fp32"] == 4 * lora_params
+    assert est["adapter_bytes"]["lora_only_bf16"] == 2 * lora_params
+
+
+def test_llama7b_per_layer(offline):
+    est = estimate(compose(["model=llama-7b", "lora.r=8", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"]))
+    per_layer = est["params"]["lora_per_layer"]
+    assert len(per_layer) == 32 and set(per_layer.values()) == {262_144}
+    assert est["params"]["base_total"] > 6.6e9  # 6.74B LLaMA-7B minus the LM head, plus the 2-class score
+
+
+def test_gqa_and_all_linear(offline):
+    """Mistral's k/v project to 8 KV heads x 128 = 1024, so r=8 on k costs 8*(4096+1024) per layer."""
+    k = estimate(compose(["model=mistral-7b", "lora.r=8", "lora.target_modules=[k_proj]"]))
+    assert k["params"]["lora"] == 32 * 8 * (4096 + 1024)
+    every = estimate(compose(["model=tiny-qwen", "lora.r=4", "lora.target_modules=[all-linear]"]))
+    assert every["params"]["adapted_modules"] == 2 * 7  # q k v o gate up down per layer; the score head excluded
+
+
+def test_minilm_meta_count_equals_loaded_model(offline):
+    """The meta-device estimate counts exactly what the real pretrained model + peft gives (head: classifier+pooler)."""
+    from loralab.model import build_model, count_params, load_tokenizer, resolve_model_path
+
+    cfg = compose(["task=mrpc", QV])
+    est = estimate(cfg)
+    resolved = resolve_model_path(cfg.model.path)
+    model = build_model(cfg, resolved, load_tokenizer(cfg.model, resolved))
+    trainable, total = count_params(model)
+    assert est["params"]["trainable"] == trainable == 222_338  # 73,728 LoRA + 770 classifier + 147,840 pooler
+    assert est["params"]["total"] == total
+    real_weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert est["memory"]["weights"] == real_weights  # fp32, duplicated head copies included
+
+
+def test_baseline_counts(offline):
+    full = estimate(compose(["lora.method=full"]))
+    head = estimate(compose(["lora.method=head"]))
+    bitfit = estimate(compose(["lora.method=bitfit"]))
+    assert full["params"]["trainable"] == full["params"]["total"] == full["params"]["base_total"]
+    assert head["params"]["trainable"] == 147_840 + 770
+    assert head["params"]["trainable"] < bitfit["params"]["trainable"] < 0.01 * full["params"]["total"]
+    assert head["memory"]["activations"]["total"] == 0  # no gradient flows into the frozen encoder
+    assert bitfit["memory"]["activations"]["total"] < full["memory"]["activations"]["total"]
+
+
+def _saved_activation_bytes(model, batch) -> int:
+    """Bytes of the tensors autograd keeps for backward in one forward pass (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch)
+    return sum(v for k, v in seen.items() if k not in params)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model=minilm", QV],
+    ["model=minilm", "lora.method=full"],
+    ["model=tiny-llama", "lora.target_modules=[q_proj,v_proj]"],
+    ["model=tiny-qwen", "lora.target_modules=[all-linear]", "lora.dropout=0"],
+])
+def test_activation_estimate_matches_autograd(offline, overrides):
+    from loralab.model import build_model, load_tokenizer, resolve_model_path
+
+    b, s = 4, 64
+    cfg = compose(["task=mrpc", "trainer.precision=32-true", f"data.batch_size={b}", f"data.max_length={s}",
+                   *overrides])
+    resolved = resolve_model_path(cfg.model.path)
+    model = build_model(cfg, resolved, load_tokenizer(cfg.model, resolved))
+    batch = {"input_ids": torch.randint(1000, 5000, (b, s)), "attention_mask": torch.ones(b, s, dtype=torch.long)}
+    real = _saved_activation_bytes(model, batch)
+    est = estimate(cfg)["memory"]["activations"]["total"]
+    assert 0.85 < est / real < 1.15, (est, real)
+
+
+def test_quantized_and_8bit_optimizer_bytes(offline):
+    fp32 = estimate(compose([QV]))["memory"]
+    nf4 = estimate(compose([QV, "quant=nf4"]))["memory"]
+    int8 = estimate(compose([QV, "quant=int8", "optim.name=adamw8bit"]))["memory"]
+    assert nf4["weights_mode"] == "nf4" and nf4["weights"] == nf4["weights_by_mode"]["nf4"]
+    # MiniLM: 10.6M quantizable linear weights, 12.1M embeddings/norms/head that stay fp32 (FACTS.md: 86.7/55.9/50.7 MB)
+    assert fp32["weights"] / 2**20 == pytest.approx(87.5, abs=0.1)
+    assert int8["weights"] / 2**20 == pytest.approx(57.2, abs=0.1)
+    assert nf4["weights"] / 2**20 == pytest.approx(52.2, abs=0.1)
+    assert int8["optimizer"] < fp32["optimizer"] / 3  # uint8 states for the big tensors, fp32 for small ones
+    assert fp32["optimizer"] == 2 * fp32["gradients"]  # AdamW: two fp32 states per trainable parameter
+
+
+def test_eight_bit_optimizer_estimate_matches_bitsandbytes(offline):
+    pytest.importorskip("bitsandbytes")
+    from loralab.model import build_model, load_tokenizer, resolve_model_path
+    from loralab.optim import build_optimizer
+
+    cfg = compose(["lora.method=full", "optim.name=adamw8bit"])
+    resolved = resolve_model_path(cfg.model.path)
+    model = build_model(cfg, resolved, load_tokenizer(cfg.model, resolved))
+    opt = build_optimizer(model, cfg)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+                for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)}
+    real = sum(storages.values())
+    est = estimate(cfg)["memory"]["optimizer"]
+    assert est == pytest.approx(real, rel=0.01)
+
+
+def test_cli_table_and_json(offline, capsys):
+    assert cli.main(["params", "model=roberta-base", QV]) == 0
+    table = capsys.readouterr().out
+    assert "294,912" in table and "activations" in table and "<- this config" in table
+    assert cli.main(["params", "--json", "model=roberta-large", QV, "quant=nf4"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["params"]["lora"] == 786_432 and data["memory"]["weights_mode"] == "nf4"
+    assert data["memory"]["total"] == sum(data["memory"][k] if k != "activations" else data["memory"][k]["total"]
+                                          for k in ("weights", "gradients", "optimizer", "activations"))
+
+
+def test_cli_bad_target_names_the_field(offline, capsys):
+    assert cli.main(["params", "model=llama-2-7b", "lora.target_modules=[query]"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.target_modules" in err and "q_proj" in err
+    with pytest.raises(ConfigError, match="layers_to_transform"):
+        estimate(compose(["lora.layers_to_transform=[0,6]"]))
