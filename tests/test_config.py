@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import GLUE_DIR, REPO, Compose
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import MissingConfigException
@@ -16,7 +17,6 @@ from omegaconf import DictConfig
 
 import loralab.data
 import loralab.train
-from conftest import GLUE_DIR, REPO, Compose
 from loralab.config import CONF_DIR, Config, ConfigError, compose
 from loralab.hub import hub_reachable
 
@@ -188,9 +188,10 @@ def test_hub_data_offline_names_the_fix(tmp_path: Path, token_cache: Path, offli
 # --- the command line ---------------------------------------------------------------------------------------------
 
 def test_cli_bad_value_exits_nonzero_naming_the_field(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, str(REPO / "train.py"), "lora.r=0", f"store.root={tmp_path / 'runs'}",
-                          f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    cmd = [sys.executable, str(REPO / "train.py"), "lora.r=0", f"store.root={tmp_path / 'runs'}",
+           f"hydra.run.dir={tmp_path / 'hydra'}"]
+    out = subprocess.run(cmd, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     assert out.returncode != 0
     assert "lora.r=0" in out.stdout + out.stderr
     assert not (tmp_path / "runs").exists()

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import GLUE_DIR, Compose, needs_glue
 
 import loralab.data
-from conftest import GLUE_DIR, Compose, needs_glue
 from loralab.config import Config
 from loralab.data import (
     GlueDataModule,

@@ -1,8 +1,6 @@
 """GLUE metrics on torchmetrics agree with scikit-learn / scipy; every task gets the metric keys it declares."""
 from __future__ import annotations
 
-
-import numpy as np
 import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr

@@ -12,19 +12,21 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+from conftest import GLUE_DIR, REPO, Compose, needs_glue
 from safetensors.torch import load_file
 
 import loralab.train
-from conftest import GLUE_DIR, REPO, Compose, needs_glue
 from loralab.config import Config
 from loralab.data import local_split_file
 from loralab.model import load_tokenizer, resolve_model_path
 from loralab.store import read_results, run_dir
 
-pytestmark = needs_glue("mrpc", "stsb", "cola", "rte")
+pytestmark = needs_glue("sst2", "stsb", "cola", "rte")
 
-# Checked with seeds 0 and 1: best dev accuracy well above MRPC's majority class (0.684) in ~1 min on 2 cores.
-MRPC = ["task=mrpc", "data.train_limit=600", "trainer.max_epochs=2", "optim.lr=1e-3", "data.batch_size=16"]
+# SST-2, not MRPC: short MRPC runs (600-1200 examples, 2 epochs, lr 1e-3/2e-3, seeds 0 and 1) all ended at
+# 0.696-0.708 dev accuracy against a 0.684 majority class, too thin a margin for a test. This SST-2 run scored
+# 0.731 / 0.714 / 0.721 (seeds 0, 1, 2) against 0.509, in ~40 s on 2 shared cores.
+BINARY = ["task=sst2", "data.train_limit=400", "trainer.max_epochs=2", "optim.lr=1e-3", "data.batch_size=16"]
 STSB = ["task=stsb", "data.train_limit=320", "trainer.max_epochs=2", "data.val_limit=300", "optim.lr=1e-3"]
 COLA = ["task=cola", "data.train_limit=320", "trainer.max_epochs=1", "data.val_limit=300"]
 # The results.json fields of issue 2.
@@ -42,8 +44,8 @@ def probe_batch(cfg: Config) -> dict[str, torch.Tensor]:
     """A fixed batch of real dev pairs, padded, to compare logits on."""
     frame = pd.read_parquet(local_split_file(GLUE_DIR, cfg.task.name, "validation")).head(6)
     tok = load_tokenizer(cfg.model, resolve_model_path(cfg.model.path))
-    return dict(tok(list(frame["sentence1"]), list(frame["sentence2"]), padding=True, truncation=True,
-                    max_length=cfg.data.max_length, return_tensors="pt"))
+    columns = [list(frame[f]) for f in cfg.task.text_fields]
+    return dict(tok(*columns, padding=True, truncation=True, max_length=cfg.data.max_length, return_tensors="pt"))
 
 
 def train_once(cfg: Config) -> tuple[float, Path, dict[str, Any]]:
@@ -64,9 +66,9 @@ def assert_metric_range(results: dict[str, Any], keys: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def mrpc(compose_cfg: Compose) -> dict[str, Any]:
-    """The LoRA MRPC run; the trained in-memory model's logits on a probe batch are captured as it is saved."""
-    cfg = compose_cfg(MRPC)
+def binary(compose_cfg: Compose) -> dict[str, Any]:
+    """The LoRA run on a binary task; the trained in-memory model's logits on a probe batch are captured as it is saved."""
+    cfg = compose_cfg(BINARY)
     batch = probe_batch(cfg)
     captured: dict[str, torch.Tensor] = {}
     save = loralab.train.save_trained
@@ -90,40 +92,39 @@ def stsb(compose_cfg: Compose) -> dict[str, Any]:
     return {"cfg": cfg, "value": value, "folder": folder, "results": results}
 
 
-def test_lora_beats_the_majority_class(mrpc: dict[str, Any]) -> None:
-    results, baseline = mrpc["results"], majority_baseline("mrpc")
+def test_lora_beats_the_majority_class(binary: dict[str, Any]) -> None:
+    results, baseline = binary["results"], majority_baseline("sst2")
     assert len(results["history"]) == 2  # validated on the full dev split after each epoch
     assert results["main_metric"]["name"] == "accuracy"
-    assert results["main_metric"]["value"] == mrpc["value"] > baseline + 0.01, (mrpc["value"], baseline)
-    assert 0 < results["metrics"]["best"]["f1"] <= 1
+    assert results["main_metric"]["value"] == binary["value"] > baseline + 0.05, (binary["value"], baseline)
 
 
-def test_results_json_has_every_field(mrpc: dict[str, Any]) -> None:
-    r, cfg = mrpc["results"], mrpc["cfg"]
+def test_results_json_has_every_field(binary: dict[str, Any]) -> None:
+    r, cfg = binary["results"], binary["cfg"]
     missing = [f for f in FIELDS if f not in r]
     assert not missing, missing
-    assert (r["status"], r["task"], r["model"], r["seed"], r["method"]) == ("finished", "mrpc", "minilm", 0, "lora")
-    assert set(r["metrics"]["best"]) == set(r["metrics"]["final"]) == {"accuracy", "f1"}
+    assert (r["status"], r["task"], r["model"], r["seed"], r["method"]) == ("finished", "sst2", "minilm", 0, "lora")
+    assert set(r["metrics"]["best"]) == set(r["metrics"]["final"]) == {"accuracy"}
     best = max(r["history"], key=lambda h: h["accuracy"])
     assert r["best_epoch"] == best["epoch"] and r["metrics"]["best"]["accuracy"] == best["accuracy"]
-    assert r["metrics"]["final"] == {k: r["history"][-1][k] for k in ("accuracy", "f1")}
+    assert r["metrics"]["final"] == {"accuracy": r["history"][-1]["accuracy"]}
     # LoRA r=8 on query and value (6 layers x 2 x 8 x (384 + 384)) + classifier (384 x 2 + 2) + pooler (384^2 + 384).
     assert r["trainable_params"] == 73_728 + 770 + 147_840 == 222_338
     assert 22_000_000 < r["total_params"] < 23_500_000
-    files = list((mrpc["folder"] / "adapter").glob("*.safetensors"))
+    files = list((binary["folder"] / "adapter").glob("*.safetensors"))
     assert r["adapter_bytes"] == sum(f.stat().st_size for f in files) > 0
     assert r["train_time_s"] > 0 and r["train_samples_per_s"] > 0 and r["peak_memory_mb"] > 0
-    assert r["config"]["lora"]["r"] == cfg.lora.r == 8 and r["config"]["task"]["name"] == "mrpc"
+    assert r["config"]["lora"]["r"] == cfg.lora.r == 8 and r["config"]["task"]["name"] == "sst2"
     assert {"torch", "transformers", "peft", "lightning"} <= set(r["versions"])
     assert r["git_commit"] is None or isinstance(r["git_commit"], str)
-    assert (mrpc["folder"] / "checkpoints" / "last.safetensors").is_file()
+    assert (binary["folder"] / "checkpoints" / "last.safetensors").is_file()
 
 
-def test_adapter_reloads_with_identical_logits(mrpc: dict[str, Any]) -> None:
+def test_adapter_reloads_with_identical_logits(binary: dict[str, Any]) -> None:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    cfg, adapter = mrpc["cfg"], mrpc["folder"] / "adapter"
+    cfg, adapter = binary["cfg"], binary["folder"] / "adapter"
     conf = json.loads((adapter / "adapter_config.json").read_text())
     assert conf["r"] == 8 and set(conf["target_modules"]) == {"query", "value"}
     assert set(conf["modules_to_save"]) >= {"classifier", "pooler"}
@@ -131,17 +132,17 @@ def test_adapter_reloads_with_identical_logits(mrpc: dict[str, Any]) -> None:
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(cfg.model.path), num_labels=2)
     reloaded = PeftModel.from_pretrained(base, str(adapter)).eval()
     with torch.no_grad():
-        logits = reloaded(**mrpc["batch"]).logits
+        logits = reloaded(**binary["batch"]).logits
     assert logits.shape == (6, 2)
-    torch.testing.assert_close(logits, mrpc["logits"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, binary["logits"], atol=1e-5, rtol=0)
     # Not trivially equal: the trained model differs from the untrained one on this batch.
     fresh = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(cfg.model.path), num_labels=2)
     with torch.no_grad():
-        assert not torch.allclose(fresh.eval()(**mrpc["batch"]).logits, logits, atol=1e-3)
+        assert not torch.allclose(fresh.eval()(**binary["batch"]).logits, logits, atol=1e-3)
 
 
-def test_finished_run_is_skipped(mrpc: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    results_file = mrpc["folder"] / "results.json"
+def test_finished_run_is_skipped(binary: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    results_file = binary["folder"] / "results.json"
     before = results_file.stat().st_mtime_ns
 
     def refuse(*args, **kwargs):
@@ -149,7 +150,7 @@ def test_finished_run_is_skipped(mrpc: dict[str, Any], monkeypatch: pytest.Monke
 
     monkeypatch.setattr(loralab.train, "train", refuse)
     monkeypatch.setattr(loralab.train, "preflight", refuse)
-    assert loralab.train.run(mrpc["cfg"]) == mrpc["value"]
+    assert loralab.train.run(binary["cfg"]) == binary["value"]
     assert results_file.stat().st_mtime_ns == before
 
 
@@ -183,7 +184,7 @@ def test_multirun_writes_one_finished_run_per_value(tmp_path: Path, token_cache:
     cmd = [sys.executable, str(REPO / "train.py"), "-m", "lora.r=2,4", "task=rte", "trainer.max_steps=3",
            "data.val_limit=32", "data.train_limit=200", f"store.root={store}", f"hydra.sweep.dir={sweep}",
            f"data.cache_dir={token_cache}", "trainer.enable_progress_bar=false"]
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    out = subprocess.run(cmd, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in sorted(store.rglob("results.json"))]
     assert len(results) == 2

@@ -183,9 +183,8 @@ class LengthGroupedBatches(Sampler[list[int]]):
 
 def eval_batches(lengths: np.ndarray, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
     """Longest first, so padding is minimal; sharded by rank without duplicates (metrics are synced exactly)."""
-    order = np.argsort(-lengths, kind="stable")
-    batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-    return batches[rank::world]
+    mine = np.argsort(-lengths, kind="stable")[rank::world]
+    return [mine[i:i + batch_size].tolist() for i in range(0, len(mine), batch_size)]
 
 
 class GlueDataModule(L.LightningDataModule):

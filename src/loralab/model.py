@@ -140,13 +140,15 @@ def linear_names(model: nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n})
 
 
-# Inits that rewrite the base weight into a residual (W - BA) or read it through an SVD/QR: they need float weights.
+# Inits that read the base weight through an SVD/QR (and may rewrite it): they need float, unquantized weights.
 WEIGHT_INITS = ("pissa", "olora", "orthogonal", "mica", "corda")
-# Inits peft accepts but that need a data pass loralab does not run (corda raises without it; eva and lora_ga
-# would silently fall back to the default init) or CUDA (loftq with bitsandbytes 0.50).
 RESIDUAL_INITS = ("pissa", "olora")  # the ones that leave a residual W - BA in the base layer
-UNSUPPORTED_INITS = {"corda": "a calibration pass (peft preprocess_corda)", "eva": "a data pass (peft initialize_lora_eva_weights)",
-                     "lora_ga": "a gradient pass (peft preprocess_loraga)", "loftq": "CUDA and a LoftQConfig"}
+# Inits peft accepts but that need a data pass loralab does not run (corda raises without it; eva and lora_ga
+# silently fall back to the default init) or CUDA (loftq with bitsandbytes 0.50).
+UNSUPPORTED_INITS = {"corda": "a calibration pass (peft preprocess_corda)",
+                     "eva": "a data pass (peft initialize_lora_eva_weights)",
+                     "lora_ga": "a gradient pass (peft preprocess_loraga)",
+                     "loftq": "CUDA and a LoftQConfig"}
 
 
 def num_layers(model: nn.Module) -> int:
@@ -266,11 +268,9 @@ def build_model(cfg: Config, resolved: str, tokenizer) -> nn.Module:
     if quant is not None and on_gpu(cfg) and torch.cuda.is_available():
         # bitsandbytes quantizes while loading onto the device; moving int8 weights afterwards is not supported.
         extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolved, num_labels=cfg.task.num_labels, revision=cfg.model.revision,
-            trust_remote_code=cfg.model.trust_remote_code, quantization_config=quant, dtype=torch.float32, **extra)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolved, num_labels=cfg.task.num_labels, revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code, quantization_config=quant, dtype=torch.float32, **extra)
     if model.config.pad_token_id is None:  # decoders: the classifier reads the last token before the first pad
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.quant.mode == "int8":  # bitsandbytes' CPU int8 path warns on every forward; it is expected there
@@ -286,10 +286,8 @@ def build_model(cfg: Config, resolved: str, tokenizer) -> nn.Module:
         if cfg.lora.init.startswith(RESIDUAL_INITS):
             # PiSSA/OLoRA rewrite W into W - BA; keep the initial adapter so save_trained can export a plain LoRA
             # delta against the untouched base weights (rebuilt identically on resume: same seed, same SVD/QR).
-            from peft.utils import get_peft_model_state_dict
-
-            peft_model.loralab_initial_adapter = {k: v.detach().clone()
-                                                  for k, v in get_peft_model_state_dict(peft_model).items()}
+            peft_model.loralab_initial_adapter = {k: v.detach().clone() for k, v in peft_model.state_dict().items()
+                                                  if "lora_" in k or "modules_to_save" in k}
         return peft_model
     return mark_trainable(model, method, heads)
 
@@ -316,6 +314,18 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _restore_head_tensors(model: nn.Module, path: Path) -> None:
+    """peft 0.21's PiSSA/OLoRA conversion writes only the LoRA tensors; put the trained head modules back."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    saved = load_file(str(path))
+    missing = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
+               if "lora_" not in k and k not in saved}
+    if missing:
+        save_file({**saved, **missing}, str(path), metadata={"format": "pt"})
+
+
 def save_trained(model: nn.Module, cfg: Config, out: Path) -> int:
     """Write what training changed, as safetensors; returns its size in bytes.
 
@@ -333,12 +343,12 @@ def save_trained(model: nn.Module, cfg: Config, out: Path) -> int:
         initial = getattr(model, "loralab_initial_adapter", None)
         with tempfile.TemporaryDirectory() as tmp:
             kwargs: dict[str, Any] = {}
-            if initial is not None:
-                (Path(tmp) / "initial").mkdir()
-                save_file({k: v.contiguous() for k, v in initial.items()},
-                          str(Path(tmp) / "initial" / "adapter_model.safetensors"))
+            if initial is not None:  # peft writes the initial adapter in its own format, then converts against it
+                model.save_pretrained(str(Path(tmp) / "initial"), state_dict=initial, safe_serialization=True)
                 kwargs["path_initial_model_for_weight_conversion"] = str(Path(tmp) / "initial")
             model.save_pretrained(str(out), safe_serialization=True, **kwargs)
+        if initial is not None:
+            _restore_head_tensors(model, out / "adapter_model.safetensors")
         conf_path = out / "adapter_config.json"
         conf = json.loads(conf_path.read_text())
         conf["base_model_name_or_path"] = cfg.model.path  # portable: "package:..." or a hub id, not this machine's path

@@ -100,6 +100,7 @@ class RunRecord:
 
     cfg: Config
     folder: Path
+    writer: bool = True  # False on DDP ranks > 0: results are written once, by rank 0
 
     def base(self, status: str) -> dict[str, Any]:
         c = self.cfg
@@ -107,15 +108,16 @@ class RunRecord:
                 "seed": c.seed, "method": c.lora.method, "config": as_dict(c), "versions": versions(),
                 "git_commit": git_commit(), "hardware": hardware()}
 
+    def _write(self, data: dict[str, Any]) -> dict[str, Any]:
+        if self.writer:
+            write_json(self.folder / RESULTS, data)
+        return data
+
     def start(self) -> None:
-        write_json(self.folder / RESULTS, self.base("running"))
+        self._write(self.base("running"))
 
     def finish(self, **fields: Any) -> dict[str, Any]:
-        data = {**self.base("finished"), **fields}
-        write_json(self.folder / RESULTS, data)
-        return data
+        return self._write({**self.base("finished"), **fields})
 
     def fail(self, error: BaseException, **fields: Any) -> dict[str, Any]:
-        data = {**self.base("failed"), "error": f"{type(error).__name__}: {error}", **fields}
-        write_json(self.folder / RESULTS, data)
-        return data
+        return self._write({**self.base("failed"), "error": f"{type(error).__name__}: {error}", **fields})

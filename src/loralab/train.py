@@ -11,12 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import Throughput, peak_memory_mb, reset_peak_memory
 from .checkpoint_io import SafetensorsCheckpointIO
-from .config import Config, ConfigError, to_config
+from .config import Config, ConfigError, as_dict, to_config
 from .data import GlueDataModule, check_split
+from .ddp import ConfigHandoffDDP, handoff_strategy, is_rank_zero
 from .model import build_model, check_modules, count_params, load_tokenizer, resolve_model_path, save_trained, skeleton
 from .module import GlueModule
 from .speed import resolve_precision
-from .store import RESULTS, RunRecord, read_results, run_dir, write_json
+from .store import RESULTS, RunRecord, read_results, run_dir, run_id, write_json
 from .summary import RUN_LINK
 
 log = logging.getLogger("loralab")
@@ -54,6 +55,7 @@ def make_trainer(cfg: Config, folder: Path, throughput: Throughput) -> L.Trainer
     ckpt.FILE_EXTENSION = ".safetensors"
     args: dict[str, Any] = dict(cfg.trainer)
     args["precision"] = resolve_precision(args.get("precision"), str(args.get("accelerator")))
+    args["strategy"] = handoff_strategy(args.get("strategy", "auto"), cfg, folder)
     return L.Trainer(default_root_dir=str(folder), logger=make_loggers(cfg, folder) or False,
                      callbacks=[ckpt, throughput], plugins=[SafetensorsCheckpointIO()],
                      use_distributed_sampler=False, **args)
@@ -77,10 +79,20 @@ def train(cfg: Config, resolved: str, folder: Path) -> dict[str, Any]:
     if resume:
         log.info("resuming %s from %s", folder.name, last)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    train_time = time.perf_counter() - start
-    if not module.history or module.history[-1]["step"] != trainer.global_step:
-        trainer.validate(module, datamodule=datamodule, verbose=False)  # stopped mid-epoch (max_steps): score the end
+    ok = False
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        train_time = time.perf_counter() - start
+        # Every rank states what it trained, so a test (or a researcher) can check that all ranks agree.
+        write_json(folder / "ranks" / f"rank{trainer.global_rank}.json",
+                   {"rank": trainer.global_rank, "world_size": trainer.world_size, "run_id": run_id(cfg),
+                    "config": as_dict(cfg)})
+        if not module.history or module.history[-1]["step"] != trainer.global_step:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # stopped mid-epoch: score the end
+        ok = True
+    finally:
+        if isinstance(trainer.strategy, ConfigHandoffDDP):
+            trainer.strategy.finish(ok)
     if trainer.global_rank != 0:
         return {}
     adapter_bytes = save_trained(model, cfg, folder / "adapter") if cfg.store.save_adapter else 0
@@ -136,7 +148,7 @@ def run(raw: DictConfig | Config) -> Optional[float]:
     if cfg.store.skip_finished and done and done.get("status") == "finished":
         log.info("skip %s: already finished (%s=%s)", folder, cfg.task.main_metric, done["main_metric"]["value"])
         return done["main_metric"]["value"]
-    record = RunRecord(cfg, folder)
+    record = RunRecord(cfg, folder, writer=is_rank_zero())
     try:
         resolved = preflight(cfg)
         record.start()
