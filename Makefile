@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 export GLUE_DIR ?= $(abspath ../shared/glue)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install train test test-full bench lint clean
 

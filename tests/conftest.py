@@ -9,13 +9,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Set before loralab is imported anywhere: configs read GLUE_DIR when composed, hub checks read HF_HUB_OFFLINE.
+# Set before loralab is imported: configs read GLUE_DIR when composed, hub checks read HF_HUB_OFFLINE.
 os.environ.setdefault("GLUE_DIR", str((REPO.parent / "shared" / "glue").resolve()))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["WANDB_MODE"] = "disabled"
 # On a shared 2-core machine, OpenMP's default spin-waiting makes torch ~20x slower whenever another process
-# competes for the cores (measured: 2.8 vs 73 samples/s); passive waiting costs little when the machine is quiet.
+# competes for the cores (measured: 2.8 vs 73 samples/s); passive waiting costs little on a quiet machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 GLUE_DIR = os.environ["GLUE_DIR"]

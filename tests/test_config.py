@@ -1,4 +1,4 @@
-"""Every shipped config composes; every bad input fails before any model or data loads, naming field and value."""
+"""Every shipped config composes; a bad input fails before any model or data loads, naming the field."""
 from __future__ import annotations
 
 import json
@@ -51,7 +51,7 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run_fails(overrides: list[str], tmp_path: Path, token_cache: Path) -> str:
-    """`loralab.train.run` on the raw config must raise ConfigError and leave no run behind; returns the message."""
+    """`loralab.train.run` on the raw config raises ConfigError and starts no run; returns the message."""
     raw = raw_config([f"store.root={tmp_path / 'runs'}", f"data.cache_dir={token_cache}", *overrides])
     with pytest.raises(ConfigError) as info:
         loralab.train.run(raw)
@@ -63,7 +63,7 @@ def run_fails(overrides: list[str], tmp_path: Path, token_cache: Path) -> str:
     return message
 
 
-# --- every shipped config composes ------------------------------------------------------------------------------
+# --- every shipped config composes --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("group,name", SHIPPED, ids=[f"{g}={n}" for g, n in SHIPPED])
 def test_shipped_config_composes(group: str, name: str, compose_cfg: Compose) -> None:
@@ -92,7 +92,7 @@ def test_defaults_follow_the_task(compose_cfg: Compose) -> None:
     assert compose_cfg(["lora.enabled=false"]).lora.method == "full"
 
 
-# --- bad values fail in validation -------------------------------------------------------------------------------
+# --- bad values fail in validation --------------------------------------------------------------------------
 
 BAD_VALUES = [
     (["task.name=foo"], "task.name", "foo"),
@@ -127,7 +127,7 @@ def test_unknown_task_group_names_it() -> None:
         compose(["task=foo"])
 
 
-# --- preflight: checks that need the model's shape or the data source, still before any load ---------------------
+# --- preflight: checks that need the model's shape or the data source, still before any load ----------------
 
 def test_missing_target_module_lists_the_real_ones(compose_cfg: Compose, no_loading: None) -> None:
     cfg = compose_cfg(["task=mrpc", "lora.target_modules=[nonexistent]"])
@@ -185,7 +185,7 @@ def test_hub_data_offline_names_the_fix(tmp_path: Path, token_cache: Path, offli
     assert "data.dir" in message and "hub" in message and "GLUE_DIR" in message
 
 
-# --- the command line ---------------------------------------------------------------------------------------------
+# --- the command line ---------------------------------------------------------------------------------------
 
 def test_cli_bad_value_exits_nonzero_naming_the_field(tmp_path: Path) -> None:
     cmd = [sys.executable, str(REPO / "train.py"), "lora.r=0", f"store.root={tmp_path / 'runs'}",

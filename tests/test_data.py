@@ -1,4 +1,4 @@
-"""GLUE data: the tokenization cache, length-grouped batches, dynamic padding and deterministic subsampling."""
+"""GLUE data: tokenization cache, length-grouped batches, dynamic padding and deterministic subsampling."""
 from __future__ import annotations
 
 import dataclasses
@@ -44,7 +44,7 @@ def flat(batches: list[list[int]]) -> list[int]:
     return [i for b in batches for i in b]
 
 
-# --- tokenization cache --------------------------------------------------------------------------------------------
+# --- tokenization cache -------------------------------------------------------------------------------------
 
 def test_encode_split_tokenizes_once_then_reads_the_cache(rte: Config, tokenizer, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,7 +89,7 @@ def test_encoding_matches_the_tokenizer(rte: Config, tokenizer) -> None:
         assert enc.types[s:e].tolist() == want["token_type_ids"]
 
 
-# --- length-grouped batches ----------------------------------------------------------------------------------------
+# --- length-grouped batches ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("group", [True, False])
 @pytest.mark.parametrize("n", [1000, 970, 5])
@@ -139,7 +139,7 @@ def test_ranks_partition_the_batches(n: int, world: int) -> None:
     per_rank = [list(s) for s in ranks]
     counts = {len(b) for b in per_rank}
     assert len(counts) == 1, "every rank must step the same number of times (DDP would hang otherwise)"
-    assert all(len(b) == len(s) for b, s in zip(per_rank, ranks))
+    assert all(len(b) == len(s) for b, s in zip(per_rank, ranks, strict=True))
     seen = flat([flat(b) for b in per_rank])
     assert len(seen) == len(set(seen)), "no example on two ranks"
     single = LengthGroupedBatches(lengths, batch_size=32, seed=5)
@@ -158,7 +158,7 @@ def test_eval_batches_longest_first_and_sharded_exactly() -> None:
     assert sorted(flat(shards[0]) + flat(shards[1])) == list(range(777))  # metrics see each example once
 
 
-# --- dynamic padding -----------------------------------------------------------------------------------------------
+# --- dynamic padding ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("multiple", [8, 1])
 def test_dynamic_padding_width(rte: Config, tokenizer, multiple: int) -> None:
@@ -169,12 +169,14 @@ def test_dynamic_padding_width(rte: Config, tokenizer, multiple: int) -> None:
         out = ds[batch]
         lengths = enc.lengths[batch]
         width = int(np.ceil(lengths.max() / multiple) * multiple)
-        assert out["input_ids"].shape == out["attention_mask"].shape == out["token_type_ids"].shape == (len(batch), width)
+        shape = (len(batch), width)
+        assert out["input_ids"].shape == out["attention_mask"].shape == out["token_type_ids"].shape == shape
         assert out["attention_mask"].sum(1).tolist() == lengths.tolist()
-        for row, (i, n) in enumerate(zip(batch, lengths)):
+        for row, (i, n) in enumerate(zip(batch, lengths, strict=True)):
             assert out["input_ids"][row, :n].tolist() == enc.ids[enc.offsets[i]:enc.offsets[i] + n].tolist()
             assert (out["input_ids"][row, n:] == pad).all()
-        assert out["labels"].tolist() == enc.labels[batch].tolist() and out["idx"].tolist() == enc.idx[batch].tolist()
+        assert out["labels"].tolist() == enc.labels[batch].tolist()
+        assert out["idx"].tolist() == enc.idx[batch].tolist()
 
 
 def test_regression_labels_are_float(compose_cfg: Compose, tokenizer) -> None:
@@ -184,7 +186,7 @@ def test_regression_labels_are_float(compose_cfg: Compose, tokenizer) -> None:
     assert out["labels"].dtype.is_floating_point and 0 <= float(out["labels"].min()) <= 5
 
 
-# --- subsampling ---------------------------------------------------------------------------------------------------
+# --- subsampling --------------------------------------------------------------------------------------------
 
 def test_subsample_is_seeded(rte: Config, tokenizer) -> None:
     enc = encode_split(tokenizer, rte.task, "validation", rte.data)
@@ -194,7 +196,8 @@ def test_subsample_is_seeded(rte: Config, tokenizer) -> None:
     pos = {v: k for k, v in enumerate(enc.idx.tolist())}
     for j in (0, 25, 49):  # the subset keeps each example's tokens and label
         i = pos[int(a.idx[j])]
-        assert a.ids[a.offsets[j]:a.offsets[j + 1]].tolist() == enc.ids[enc.offsets[i]:enc.offsets[i + 1]].tolist()
+        tokens = enc.ids[enc.offsets[i]:enc.offsets[i + 1]]
+        assert a.ids[a.offsets[j]:a.offsets[j + 1]].tolist() == tokens.tolist()
         assert a.labels[j] == enc.labels[i]
     assert subsample(enc, None, 0) is enc and subsample(enc, len(enc) + 5, 0) is enc
 
@@ -214,4 +217,5 @@ def test_datamodule_limits(compose_cfg: Compose, tokenizer) -> None:
     train_idx = [i for batch in dm.train_dataloader() for i in batch["idx"].tolist()]
     assert sorted(train_idx) == sorted(dm.train.idx.tolist())
     (val,) = dm.val_dataloader()
-    assert sorted(i for batch in val for i in batch["idx"].tolist()) == sorted(dm.evals["validation"].idx.tolist())
+    val_idx = [i for batch in val for i in batch["idx"].tolist()]
+    assert sorted(val_idx) == sorted(dm.evals["validation"].idx.tolist())

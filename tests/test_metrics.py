@@ -1,4 +1,4 @@
-"""GLUE metrics on torchmetrics agree with scikit-learn / scipy; every task gets the metric keys it declares."""
+"""GLUE metrics on torchmetrics match scikit-learn/scipy; each task gets the metric keys it declares."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +15,8 @@ TASKS = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
 def chunked_value(name: str, num_labels: int, preds: torch.Tensor, target: torch.Tensor) -> float:
     """Update in uneven chunks, as validation batches do, then compute once."""
     m = metric(name, num_labels)
-    for p, t in zip(torch.tensor_split(preds, [7, 100, 333]), torch.tensor_split(target, [7, 100, 333])):
+    cuts = [7, 100, 333]
+    for p, t in zip(torch.tensor_split(preds, cuts), torch.tensor_split(target, cuts), strict=True):
         m.update(p, t)
     return float(m.compute())
 

@@ -34,10 +34,15 @@ def peak_memory_mb() -> float:
 
 
 class Throughput(L.Callback):
-    """Training samples/s over training batches only (data loading included, validation excluded)."""
+    """Training samples/s over training batches only (data loading included, validation excluded).
 
-    def __init__(self) -> None:
+    `steady_samples_per_s` leaves out the first `warmup` steps (compilation, allocator and cache warm-up)."""
+
+    def __init__(self, warmup: int = 5) -> None:
+        self.warmup, self.steps = warmup, 0
+        self.steady_samples, self.steady_seconds = 0, 0.0
         self.samples = 0
+        self.tokens = 0  # padded tokens actually processed (what the FLOPs are spent on)
         self.seconds = 0.0
         self.first_step_at: Optional[float] = None
         self._mark: Optional[float] = None
@@ -51,11 +56,21 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
+        n = len(batch["labels"]) * trainer.world_size
         if self._mark is not None:
             self.seconds += now - self._mark
+            if self.steps >= self.warmup:
+                self.steady_seconds += now - self._mark
+                self.steady_samples += n
         self._mark = now
-        self.samples += len(batch["labels"]) * trainer.world_size
+        self.steps += 1
+        self.samples += n
+        self.tokens += batch["input_ids"].numel() * trainer.world_size
 
     @property
     def samples_per_s(self) -> float:
         return self.samples / self.seconds if self.seconds else 0.0
+
+    @property
+    def steady_samples_per_s(self) -> float:
+        return self.steady_samples / self.steady_seconds if self.steady_seconds else self.samples_per_s

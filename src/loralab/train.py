@@ -103,7 +103,8 @@ def train(cfg: Config, resolved: str, folder: Path) -> dict[str, Any]:
             "best_epoch": best.get("epoch"), "history": module.history,
             "trainable_params": trainable, "total_params": total, "adapter_bytes": adapter_bytes,
             "train_time_s": round(train_time, 2), "train_samples_per_s": round(throughput.samples_per_s, 2),
-            "train_samples": throughput.samples, "resumed_from": resume,
+            "steady_samples_per_s": round(throughput.steady_samples_per_s, 2),
+            "train_samples": throughput.samples, "train_tokens": throughput.tokens, "resumed_from": resume,
             "first_step_at": throughput.first_step_at, "peak_memory_mb": round(peak_memory_mb(), 1),
             "precision": str(trainer.precision), "global_steps": trainer.global_step}
 
@@ -143,6 +144,7 @@ def run(raw: DictConfig | Config) -> Optional[float]:
                                        "config": _container(raw)})
         raise
     folder = run_dir(cfg)
+    started_at = time.time()
     link_job(folder)
     done = read_results(folder)
     if cfg.store.skip_finished and done and done.get("status") == "finished":
@@ -153,6 +155,8 @@ def run(raw: DictConfig | Config) -> Optional[float]:
         resolved = preflight(cfg)
         record.start()
         fields = train(cfg, resolved, folder)
+        if fields:
+            fields["job_started_at"] = started_at
         if not fields:  # a non-zero DDP rank: rank 0 writes results and the adapter once
             return None
         data = record.finish(**fields)
