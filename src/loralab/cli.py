@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "loralab.analysis.commands",
     "loralab.params",
     "loralab.predict",
+    "loralab.merge",
 )
 
 

@@ -22,6 +22,7 @@ class GlueModule(L.LightningModule):
     def __init__(self, model: nn.Module, cfg: Config):
         super().__init__()
         self.model, self.cfg, self.task = model, cfg, cfg.task
+        self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodule modes: dropout would be off
         self.metrics = nn.ModuleDict({s: task_metrics(cfg.task) for s in cfg.task.eval_splits})
         self.history: list[dict[str, float]] = []
         self.best: Optional[dict[str, float]] = None
