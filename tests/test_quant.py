@@ -114,6 +114,15 @@ def test_fp4_trains_on_cpu():
     assert next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)).weight.quant_state.quant_type == "fp4"
 
 
+def test_nf4_on_a_tiny_decoder(monkeypatch, tmp_path):
+    """Decoder path: every linear layer but the `score` head is 4-bit, LoRA on all of them trains."""
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path))
+    cfg, model, losses, moved = quantized_steps("nf4", "model=tiny-qwen", "lora.target_modules=[all-linear]")
+    assert all(math.isfinite(x) for x in losses) and moved
+    assert len([m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]) == 2 * 7
+    assert weight_bytes(model) == pytest.approx(estimate(cfg)["memory"]["weights"], rel=0.02)
+
+
 def test_compute_dtype_resolution(monkeypatch):
     from loralab import speed
 

@@ -174,7 +174,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, token_ca
     assert len(b["history"]) == 3 and b["global_steps"] == a["global_steps"] == 12
     assert b["history"] == a["history"] and b["metrics"] == a["metrics"] and b["best_epoch"] == a["best_epoch"]
     ta, tb = adapter_tensors(run_a), adapter_tensors(run_b)
-    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert ta.keys() == tb.keys()
+    diff = max(float((ta[k] - tb[k]).abs().max()) for k in ta)
+    assert diff == 0, f"the resumed adapter differs from the uninterrupted one by up to {diff:.2e}"
     assert any(v.abs().sum() > 0 for k, v in tb.items() if "lora_B" in k)  # B starts at zero: it trained
 
 
@@ -239,6 +241,8 @@ def test_sweeps_started_together_never_share_a_folder(tmp_path: Path, token_cach
     folders = sweep_folders(tmp_path)
     assert len(folders) == 2, (folders, outs)
     assert all(re.fullmatch(r"\d{2}-\d{2}-\d{2}_[0-9a-f]{6}", f.name) for f in folders)
+    # Start-up time varies, so the two may or may not share a second; their random suffixes always differ.
+    assert len({f.name.split("_")[1] for f in folders}) == 2
     bads = []
     for f in folders:
         rows = read_summary(f)
@@ -284,6 +288,7 @@ def assert_ddp_run(run: Path, r: int) -> None:
         assert abs(hits - round(hits)) < 1e-4, record
 
 
+@pytest.mark.slow  # the same strategy and checks as the multirun test below, outside a sweep
 def test_ddp_single_run(tmp_path: Path, token_cache: Path) -> None:
     store = tmp_path / "runs"
     proc = launch(train_cmd(*DDP, "lora.r=4", f"store.root={store}", f"hydra.run.dir={tmp_path / 'out'}",

@@ -215,3 +215,29 @@ def test_merge_matches_unmerged(batches, tmp_path, capsys):
         for batch in batches:
             x = inputs(batch)
             assert torch.allclose(model(**x).logits, merged(**x).logits, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def random_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("random-models"))
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen", "tiny-mistral"])
+def test_tiny_decoders_pad_with_eos_and_train(monkeypatch, random_cache, arch):
+    """Random-init decoders (`random:<arch>`): no pad token, so eos pads and the score head reads the last real token."""
+    monkeypatch.setenv("LORALAB_CACHE", random_cache)
+    cfg, model = build(f"model={arch}", "lora.target_modules=[q_proj,v_proj]")
+    tok = load_tokenizer(cfg.model, resolve_model_path(cfg.model.path))
+    enc = tok("The company said profits rose.", "Profits increased.")
+    assert tok.pad_token == tok.eos_token == "[SEP]" and "token_type_ids" not in enc
+    assert enc["input_ids"][:3] == [101, 1996, 2194]  # word pieces of the embedded vocabulary, not characters
+    assert model.config.pad_token_id == tok.eos_token_id == 102
+    texts = ["Shares rose.", "The weather was sunny and warm all week."]
+    padded = tok(texts, padding=True, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():  # right padding must not change a sequence's logits
+        alone = model(**tok(texts[:1], return_tensors="pt")).logits
+        assert torch.allclose(model(**padded).logits[:1], alone, atol=1e-5)
+    batch = {**tok(texts, padding=True, return_tensors="pt"), "labels": torch.tensor([0, 1])}
+    before = train(cfg, model, [batch, batch])
+    assert any("lora_B" in n for n in changed(model, before))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnl
 METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
 METHODS = ("lora", "full", "head", "bitfit")
 # peft LoRA initializations that need nothing from the network (eva needs a data pass; loftq a quantized model).
-LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "corda")
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "mica")  # + pissa_niter_<N>
 
 
 class ConfigError(ValueError):
@@ -87,7 +88,7 @@ class LoraConfig:
 class QuantConfig:
     mode: str = "none"
     double_quant: bool = False
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"
 
 
 @dataclass
@@ -190,12 +191,13 @@ def validate(cfg: Config) -> Config:
         if not lora.target_modules:
             raise config_error("lora.target_modules", lora.target_modules, "name at least one module, e.g. [query,value]")
         _one_of("lora.bias", lora.bias, ("none", "all", "lora_only"))
-        _one_of("lora.init", lora.init, LORA_INITS)
+        if not re.fullmatch(r"pissa_niter_\d+", lora.init):
+            _one_of("lora.init", lora.init, LORA_INITS)
         _positive("lora.lr_ratio", lora.lr_ratio, allow_none=True)
         for k, v in lora.rank_pattern.items():
             _positive(f"lora.rank_pattern.{k}", v)
     _one_of("quant.mode", cfg.quant.mode, ("none", "int8", "nf4", "fp4"))
-    _one_of("quant.compute_dtype", cfg.quant.compute_dtype, ("bfloat16", "float16", "float32"))
+    _one_of("quant.compute_dtype", cfg.quant.compute_dtype, ("auto", "bfloat16", "float16", "float32"))
     if cfg.quant.mode != "none" and cfg.lora.method in ("full", "bitfit"):
         raise config_error("quant.mode", cfg.quant.mode,
                            "quantized weights cannot be trained in full; use quant=none with full fine-tuning or BitFit")

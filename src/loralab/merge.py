@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,11 +45,16 @@ def merged_model(source: str | Path, task: str | None = None) -> tuple[nn.Module
 def merge_adapter(run_or_adapter: str | Path, out: str | Path, task: str | None = None) -> Path:
     """Write the merged model (safetensors + config + tokenizer) to `out`; it loads with
     `AutoModelForSequenceClassification.from_pretrained(out)`, no peft needed."""
+    from .model import RANDOM_MARKER, resolve_model_path
+
     model, tokenizer, info = merged_model(run_or_adapter, task)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    base = Path(resolve_model_path(info["base_model"]))
+    if (base / RANDOM_MARKER).exists():  # keep the random model's tokenizer loading as saved (see model.py)
+        shutil.copy(base / RANDOM_MARKER, out / RANDOM_MARKER)
     (out / MERGE_INFO).write_text(json.dumps(info, indent=2))
     return out
 

