@@ -208,8 +208,11 @@ class GlueDataModule(L.LightningDataModule):
     def _loader(self, enc: Encoded, sampler) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ds = PaddedBatches(enc, pad, self.cfg.pad_to_multiple_of, self.task.is_regression)
+        # Its own generator: starting an epoch's iterator must not draw from the global torch RNG, which seeds
+        # dropout (a resumed run would otherwise see a shifted dropout stream and end differently).
         return DataLoader(ds, sampler=sampler, batch_size=None, num_workers=self.cfg.num_workers,
-                          persistent_workers=self.cfg.num_workers > 0)
+                          persistent_workers=self.cfg.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()

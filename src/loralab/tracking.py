@@ -50,7 +50,8 @@ def wandb_logger(cfg: Config, folder: Path):
                          tags=[o.lstrip("+~") for o in shown][:64], mode=mode, config=flatten(as_dict(cfg)),
                          job_type="train")
     if mode == "offline":
-        log.info("W&B is offline (no API key): upload later with `wandb sync %s/wandb/offline-run-*`", folder)
+        why = "logger.mode/WANDB_MODE" if (cfg.logger.mode or os.environ.get("WANDB_MODE")) else "no API key"
+        log.info("W&B is offline (%s): upload later with `wandb sync %s/wandb/offline-run-*`", why, folder)
     return logger
 
 
