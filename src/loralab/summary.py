@@ -5,8 +5,9 @@ import csv
 import io
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .store import RESULTS, write_json
 
@@ -38,7 +39,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
         else:
-            out[key] = ",".join(map(str, v)) if isinstance(v, list) else v
+            out[key] = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
     return out
 
 

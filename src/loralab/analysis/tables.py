@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from loralab.analysis.subspace import AnalysisError
+from loralab.summary import find_results, flatten  # one results finder and flattener for summaries and tables
 
 MAIN_METRIC = "main_metric.value"
 PARAMS = "trainable_params"
@@ -36,35 +36,6 @@ _RESULT_FIELDS = (
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def find_results(root: str | Path) -> list[Path]:
-    """Every results.json under ``root``, recursively, following symlinks (each real file once)."""
-    root = Path(root)
-    seen: set[str] = set()
-    found = []
-    for dirpath, _, files in os.walk(root, followlinks=True):
-        if "results.json" in files:
-            path = Path(dirpath) / "results.json"
-            real = os.path.realpath(path)
-            if real not in seen:
-                seen.add(real)
-                found.append(path)
-    return sorted(found)
-
-
-def flatten(obj: dict, prefix: str = "") -> dict[str, object]:
-    """Flatten nested dicts to dotted keys; lists of scalars become comma-joined strings."""
-    out: dict[str, object] = {}
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        elif isinstance(value, (list, tuple)):
-            out[name] = ",".join(str(v) for v in value)
-        else:
-            out[name] = value
-    return out
 
 
 def result_row(result: dict, path: Path | None = None) -> dict[str, object]:
