@@ -346,3 +346,27 @@ def test_wandb_offline_run_reads_back_and_keeps_the_key_out(tmp_path: Path, toke
     assert summary["main_metric.value"] == result["main_metric"]["value"]
     leaks = [p for p in [*run.rglob("*"), *out.rglob("*")] if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
     assert not leaks and FAKE_KEY not in proc.stdout
+
+
+def test_a_run_held_by_a_live_process_is_not_trained_twice(tmp_path):
+    """An orphaned parallel worker still training a run must not share it with a relaunch; a dead one releases it."""
+    import subprocess
+    import sys
+
+    from loralab.store import RunBusy, run_lock
+
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from loralab.store import run_lock\n"
+        f"with run_lock(Path({str(folder)!r})):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusy, match="another live process"):
+            with run_lock(folder):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(folder):  # the killed holder's lock is gone
+        pass

@@ -1,6 +1,8 @@
 """The run store: run identity (hash of the semantic config), results.json (atomic), provenance, skip/resume."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -92,6 +94,24 @@ def hardware() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+class RunBusy(RuntimeError):
+    """Another live process is training this very run (same config, same store)."""
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path):
+    """Hold an exclusive lock on a run folder while training it; the OS drops it when the process dies, so a killed
+    run never blocks its relaunch, while two live processes (e.g. an orphaned parallel worker) never share a run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusy(f"{folder} is being trained by another live process; wait for it or stop it "
+                          f"(its results will land here)") from None
+        yield
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """run(cfg): config -> run store -> data -> model -> module -> trainer -> results. Wiring only."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from .ddp import ConfigHandoffDDP, handoff_strategy, is_rank_zero
 from .model import build_model, check_modules, count_params, load_tokenizer, resolve_model_path, save_trained, skeleton
 from .module import GlueModule
 from .speed import resolve_precision
-from .store import RESULTS, RunRecord, read_results, run_dir, run_id, write_json
+from .store import RESULTS, RunBusy, RunRecord, run_lock, read_results, run_dir, run_id, write_json
 from .summary import RUN_LINK
 
 log = logging.getLogger("loralab")
@@ -151,19 +152,21 @@ def run(raw: DictConfig | Config) -> Optional[float]:
         log.info("skip %s: already finished (%s=%s)", folder, cfg.task.main_metric, done["main_metric"]["value"])
         return done["main_metric"]["value"]
     record = RunRecord(cfg, folder, writer=is_rank_zero())
+    lock = run_lock(folder) if is_rank_zero() else contextlib.nullcontext()
     try:
         resolved = preflight(cfg)
-        record.start()
-        fields = train(cfg, resolved, folder)
-        if fields:
-            fields["job_started_at"] = started_at
-        if not fields:  # a non-zero DDP rank: rank 0 writes results and the adapter once
-            return None
-        data = record.finish(**fields)
+        with lock:
+            record.start()
+            fields = train(cfg, resolved, folder)
+            if not fields:  # a non-zero DDP rank: rank 0 writes results and the adapter once
+                return None
+            data = record.finish(**fields, job_started_at=started_at)
         if cfg.logger.wandb:
             from .tracking import log_summary
 
             log_summary(data)
+    except RunBusy:
+        raise  # the live owner of the run records its outcome
     except BaseException as e:  # recorded, then re-raised: the sweeper records it and goes on
         record.fail(e)
         raise
