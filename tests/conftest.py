@@ -47,3 +47,14 @@ def compose_cfg(tmp_path_factory: pytest.TempPathFactory, token_cache: Path) -> 
                         "trainer.enable_progress_bar=false", *overrides])
 
     return _compose
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models on a shared 2-core machine: one torch thread beats two under load (params/quant/variants)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,13 +13,7 @@ from loralab.params import estimate
 QV = "lora.target_modules=[query,value]"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The shared 2-core machine: two torch threads under load are far slower than one for these small models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

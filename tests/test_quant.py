@@ -27,16 +27,11 @@ from loralab.model import (
 from loralab.params import estimate
 
 bnb = pytest.importorskip("bitsandbytes")
-GLUE = os.environ.get("GLUE_DIR") or "/work/shared/glue"
+GLUE = os.environ["GLUE_DIR"]
 QV = "lora.target_modules=[query,value]"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def weight_bytes(model: nn.Module) -> int:

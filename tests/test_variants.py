@@ -17,16 +17,11 @@ from loralab.optim import build_optimizer
 
 pytestmark = pytest.mark.skipif(not os.environ.get("GLUE_DIR") and not Path("/work/shared/glue").is_dir(),
                                 reason="needs the local GLUE mirror (GLUE_DIR)")
-GLUE = os.environ.get("GLUE_DIR") or "/work/shared/glue"
+GLUE = os.environ["GLUE_DIR"]
 STEPS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
