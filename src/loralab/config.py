@@ -82,6 +82,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lr_ratio: Optional[float] = None
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -173,6 +174,29 @@ _RESERVED_TRAINER_ARGS = {"logger", "callbacks", "default_root_dir", "enable_che
                           "use_distributed_sampler"}
 
 
+def adapter_folder(path: str | Path) -> Optional[Path]:
+    """The peft adapter folder named by `path`: the folder itself or a run folder's adapter/ (None: neither)."""
+    for folder in (Path(path).expanduser(), Path(path).expanduser() / "adapter"):
+        if (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file():
+            return folder
+    return None
+
+
+def _check_init_from(lora: LoraConfig) -> None:
+    if lora.init_from is None:
+        return
+    if lora.method != "lora":
+        raise config_error("lora.init_from", lora.init_from, f"it initializes LoRA weights, and lora.method="
+                           f"{lora.method!r} has none; use lora.init_from=null")
+    if lora.init.startswith(("pissa", "olora")):
+        raise config_error("lora.init_from", lora.init_from, f"lora.init={lora.init!r} rewrites the base weights "
+                           f"around its own A and B; use lora.init=default with lora.init_from")
+    if adapter_folder(lora.init_from) is None:
+        raise config_error("lora.init_from", lora.init_from, "no peft adapter there (adapter_config.json + "
+                           "adapter_model.safetensors, in the folder or its adapter/); pass a finished run's folder, "
+                           "e.g. lora.init_from=runs/mnli/<run_id>, or lora.init_from=null")
+
+
 def validate(cfg: Config) -> Config:
     """Every rule that can be checked without loading a model or data; raises ConfigError."""
     _one_of("task.name", cfg.task.name, GLUE_TASKS)
@@ -196,6 +220,7 @@ def validate(cfg: Config) -> Config:
         _positive("lora.lr_ratio", lora.lr_ratio, allow_none=True)
         for k, v in lora.rank_pattern.items():
             _positive(f"lora.rank_pattern.{k}", v)
+    _check_init_from(lora)
     _one_of("quant.mode", cfg.quant.mode, ("none", "int8", "nf4", "fp4"))
     _one_of("quant.compute_dtype", cfg.quant.compute_dtype, ("auto", "bfloat16", "float16", "float32"))
     if cfg.quant.mode != "none" and cfg.lora.method in ("full", "bitfit"):
@@ -272,3 +297,21 @@ if not OmegaConf.has_resolver("loralab.uid"):
     OmegaConf.register_new_resolver("loralab.uid", _uid)
 if not OmegaConf.has_resolver("loralab.mul"):  # coupled sweep axes, e.g. lora.alpha: ${loralab.mul:${lora.r},2}
     OmegaConf.register_new_resolver("loralab.mul", lambda a, b: a * b)
+
+_NO_DEFAULT = object()
+
+
+def by_task(task: str, table: dict, default: Any = _NO_DEFAULT) -> Any:
+    """`${loralab.by_task:${task.name},{mnli: 30, sst2: 60}}`: a per-task value (conf/experiment/); `default` for
+    tasks not in the table. A value `required:<message>` stops the run with that message (no sensible default)."""
+    value = table.get(task, default)
+    if value is _NO_DEFAULT:
+        raise ConfigError(f"task.name={task!r}: this experiment has no value for it; its tasks are "
+                          f"{', '.join(table)}")
+    if isinstance(value, str) and value.startswith("required:"):
+        raise ConfigError(value.removeprefix("required:").strip())
+    return value
+
+
+if not OmegaConf.has_resolver("loralab.by_task"):
+    OmegaConf.register_new_resolver("loralab.by_task", by_task)

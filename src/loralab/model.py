@@ -290,6 +290,10 @@ def build_model(cfg: Config, resolved: str, tokenizer) -> nn.Module:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         L.seed_everything(cfg.seed, workers=True, verbose=False)  # A's random init depends on the seed alone
         peft_model = get_peft_model(model, peft_config(cfg))
+        if cfg.lora.init_from:  # e.g. the paper's MRPC/RTE/STS-B runs start from the MNLI adapter
+            from .init_from import load_init_adapter
+
+            load_init_adapter(peft_model, cfg)
         if cfg.lora.init.startswith(RESIDUAL_INITS):
             # PiSSA/OLoRA rewrite W into W - BA; keep the initial adapter so save_trained can export a plain LoRA
             # delta against the untouched base weights (rebuilt identically on resume: same seed, same SVD/QR).

@@ -47,6 +47,9 @@ class LoralabSweeper(BasicSweeper):
                 launch_errors.append(str(e))
             job_idx += len(batch)
         rows = write_summary(sweep_dir, mark_unfinished_failed=True)
+        from loralab.tracking import after_sweep
+
+        after_sweep(sweep_dir, self.config)  # logger=wandb: summary table and plots to the sweep's W&B group
         failed = failures(rows)
         failed_jobs = [r for rs in returns for r in rs if r.status == JobStatus.FAILED]
         log.info("sweep finished: %d runs, %d failed; summary: %s", len(rows), len(failed), sweep_dir / "summary.csv")

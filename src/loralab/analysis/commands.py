@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random Gaussian baseline")
     p.add_argument("--out", default="analysis/similarity", help="output folder (default: %(default)s)")
+    _wandb_flags(p, "similarity")
     p.set_defaults(func=_guard(cmd_similarity, "similarity"))
 
     p = subparsers.add_parser(
@@ -50,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--module", help="module name or suffix (default: all)")
     p.add_argument("--layer", type=int, help="layer index (default: all)")
     p.add_argument("--out", default="analysis/amplification", help="output folder (default: %(default)s)")
+    _wandb_flags(p, "amplification")
     p.set_defaults(func=_guard(cmd_amplification, "amplification"))
 
     p = subparsers.add_parser("table", help="results table (median over seeds) from results.json files")
@@ -74,7 +76,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--plots", action="store_true", help="also plot metric vs r, vs trainable params and vs peak memory"
     )
+    _wandb_flags(p, "the name of DIR (a sweep folder's name is its W&B group)")
     p.set_defaults(func=_guard(cmd_table, "table"))
+
+
+def _wandb_flags(p: argparse.ArgumentParser, default_group: str) -> None:
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log the tables (wandb.Table) and figures (wandb.Image) to a W&B run with job_type=analysis "
+        "(offline without an API key, like training runs)",
+    )
+    p.add_argument("--wandb-group", help=f"W&B group of that run (default: {default_group})")
+    p.add_argument("--wandb-project", default="loralab", help="W&B project (default: %(default)s)")
+
+
+def _to_wandb(
+    args: argparse.Namespace,
+    name: str,
+    default_group: str,
+    folder: Path,
+    frames: dict,
+    images: dict[str, Path],
+    config: dict,
+) -> int:
+    """Log `frames` and `images` to W&B when --wandb was given; 1 (after a message) when W&B fails."""
+    if not args.wandb:
+        return 0
+    from loralab.tracking import log_analysis
+
+    group = args.wandb_group or default_group
+    try:
+        run = log_analysis(
+            group, folder, frames, images, name=f"{name} {group}", project=args.wandb_project, config=config
+        )
+    except Exception as exc:  # noqa: BLE001 - the files are written; say what failed instead of a traceback
+        print(
+            f"loralab {name}: W&B logging failed ({type(exc).__name__}: {exc}); the files above are written",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"logged {len(frames)} table(s) and {len(images)} figure(s) to W&B group {group!r}: {run}",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _guard(fn: Handler, name: str) -> Handler:
@@ -141,7 +187,33 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     print(f"wrote {json_path}")
     for p in pngs:
         print(f"wrote {p}")
-    return 0
+    import pandas as pd
+
+    summary = pd.DataFrame(
+        [
+            {
+                "layer": lay,
+                "module": mod,
+                "r1": s.grid.shape[0],
+                "r2": s.grid.shape[1],
+                "phi_1_1": float(s.grid[0, 0]),
+                "phi_r1_r2": float(s.grid[-1, -1]),
+                "phi_mean": float(s.grid.mean()),
+                "random_mean": float(s.random_grid.mean()),
+                "distance": float(s.distance),
+            }
+            for (lay, mod), s in sims.items()
+        ]
+    )
+    return _to_wandb(
+        args,
+        "similarity",
+        "similarity",
+        out,
+        {"similarity/summary": summary},
+        {f"similarity/{p.stem}": p for p in pngs},
+        {"a": str(a1.path), "b": str(a2.path), "side": args.side, "seed": args.seed},
+    )
 
 
 def _rank(sims: dict, axis: int) -> str:
@@ -226,7 +298,17 @@ def cmd_amplification(args: argparse.Namespace) -> int:
     if missing:
         print(f"no base weight for {len(missing)} module(s), e.g. {missing[0]}", file=sys.stderr)
     print(f"wrote {path}")
-    return 0
+    import pandas as pd
+
+    return _to_wandb(
+        args,
+        "amplification",
+        "amplification",
+        out,
+        {"amplification/table": pd.DataFrame(rows)},
+        {},
+        {"adapter": str(adapter.path), "include_scaling": include},
+    )
 
 
 # ----------------------------------------------------------------------------- table
@@ -258,7 +340,29 @@ def cmd_table(args: argparse.Namespace) -> int:
     if args.plots:
         paths.update(_table_plots(data.df, args))
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    return 0
+    name = args.layout or "table"
+    if isinstance(pivots, dict):
+        frames = {f"table/{name}/{block}": p.display for block, p in pivots.items()}
+    else:
+        frames = {f"table/{name}": pivots.display}
+    frames[f"table/{name}_tidy"] = tables.render(pivots)[2]
+    images = {f"table/metric_vs_{k.removesuffix('_png')}": p for k, p in paths.items() if k.endswith("_png")}
+    return _to_wandb(
+        args,
+        "table",
+        Path(args.dir).resolve().name,
+        Path(args.out).parent,
+        frames,
+        images,
+        {
+            "dir": str(args.dir),
+            "layout": args.layout,
+            "rows": args.rows,
+            "cols": args.cols,
+            "metric": args.metric,
+            "spread": args.spread,
+        },
+    )
 
 
 def _split(value: str) -> list[str]:
@@ -266,22 +370,6 @@ def _split(value: str) -> list[str]:
 
 
 def _table_plots(df: pd.DataFrame, args: argparse.Namespace) -> dict[str, Path]:
-    from loralab.analysis import plots, tables
+    from loralab.analysis import plots
 
-    prefix = Path(args.out)
-    out: dict[str, Path] = {}
-    lora = df[df["method"] == "lora"] if "method" in df.columns else df
-    if "lora.r" in lora.columns and not lora.empty:
-        out["rank_png"] = plots.plot_metric_vs(
-            lora,
-            "lora.r",
-            prefix.with_name(prefix.name + "_rank.png"),
-            args.metric,
-            hue="lora.target_modules" if "lora.target_modules" in lora else None,
-        )
-    for key, x in (("params_png", tables.PARAMS), ("memory_png", "peak_memory_mb")):
-        if x in df.columns and df[x].notna().any():
-            out[key] = plots.plot_pareto(
-                df, prefix.with_name(f"{prefix.name}_{key.split('_')[0]}.png"), x, args.metric
-            )
-    return out
+    return {f"{k}_png": p for k, p in plots.trade_off_plots(df, args.out, args.metric).items()}

@@ -204,6 +204,26 @@ def _config_label(df: pd.DataFrame, label: str | None) -> pd.Series:
     return out
 
 
+def trade_off_plots(df: pd.DataFrame, prefix: str | Path, metric: str | None = None) -> dict[str, Path]:
+    """The standard figures of a set of runs: metric vs LoRA rank (``PREFIX_rank.png``, LoRA runs), vs trainable
+    parameters (``PREFIX_params.png``) and vs peak memory (``PREFIX_memory.png``), each where the columns exist."""
+    prefix = Path(prefix)
+    out: dict[str, Path] = {}
+    lora = df[df["method"] == "lora"] if "method" in df.columns else df
+    if "lora.r" in lora.columns and not lora.empty:
+        out["rank"] = plot_metric_vs(
+            lora,
+            "lora.r",
+            prefix.with_name(prefix.name + "_rank.png"),
+            metric,
+            hue="lora.target_modules" if "lora.target_modules" in lora else None,
+        )
+    for key, x in (("params", PARAMS), ("memory", "peak_memory_mb")):
+        if x in df.columns and df[x].notna().any():
+            out[key] = plot_pareto(df, prefix.with_name(f"{prefix.name}_{key}.png"), x, metric)
+    return out
+
+
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
