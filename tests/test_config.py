@@ -20,7 +20,7 @@ import loralab.train
 from loralab.config import CONF_DIR, Config, ConfigError, compose
 from loralab.hub import hub_reachable
 
-GROUPS = ("model", "task", "lora", "quant", "optim", "trainer", "logger", "experiment")
+GROUPS = ("model", "task", "lora", "quant", "optim", "trainer", "logger", "experiment", "memory")
 SHIPPED = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 
 

@@ -185,17 +185,22 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, token_ca
 @pytest.mark.parametrize("name,key,count", [("rank", "lora.r", 6), ("alpha", "lora.alpha", 6),
                                             ("alpha_tied", "lora.r", 6), ("quant", "quant", 4),
                                             ("targets", "lora.target_modules", 7), ("targets_budget", "lora", 7),
-                                            ("seeds", "seed", 5)])
+                                            ("seeds", "seed", 5), ("memory", "memory quant", 7 * 3)])
 def test_named_sweep_grid(name: str, key: str, count: int) -> None:
+    """`key`: the swept axes, space-separated; `count`: the jobs of their cross product."""
     params = yaml.safe_load((SWEEPS / f"{name}.yaml").read_text())["hydra"]["sweeper"]["params"]
-    assert list(params) == [key]
-    values = sweep_values(key, str(params[key]))
-    assert len(values) == len({str(v) for v in values}) == count
+    assert list(params) == key.split()
+    jobs = 1
+    for axis in params:
+        values = sweep_values(axis, str(params[axis]))
+        assert len(values) == len({str(v) for v in values})
+        jobs *= len(values)
+    assert jobs == count
 
 
 def test_every_named_sweep_is_listed_here() -> None:
     assert {p.stem for p in SWEEPS.glob("*.yaml")} == {"rank", "alpha", "alpha_tied", "quant", "targets",
-                                                       "targets_budget", "seeds"}
+                                                       "targets_budget", "seeds", "memory"}
 
 
 def test_alpha_tied_composes_alpha_twice_r() -> None:

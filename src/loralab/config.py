@@ -1,6 +1,7 @@
 """Typed run configuration and every validation rule, applied before any model or data loads."""
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 import re
@@ -18,6 +19,7 @@ METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
 METHODS = ("lora", "full", "head", "bitfit")
 # peft LoRA initializations that need nothing from the network (eva needs a data pass; loftq a quantized model).
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "mica")  # + pissa_niter_<N>
+LORA_DTYPES = ("float32", "bfloat16")  # storage (and optimizer-state) dtype of the LoRA adapter weights
 
 
 class ConfigError(ValueError):
@@ -83,6 +85,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lr_ratio: Optional[float] = None
     init_from: Optional[str] = None
+    dtype: str = "float32"
 
 
 @dataclass
@@ -119,6 +122,11 @@ class DataConfig:
 
 
 @dataclass
+class MemoryConfig:
+    gradient_checkpointing: bool = False
+
+
+@dataclass
 class LoggerConfig:
     csv: bool = False
     wandb: bool = False
@@ -144,6 +152,7 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     trainer: dict[str, Any] = field(default_factory=dict)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -220,6 +229,10 @@ def validate(cfg: Config) -> Config:
         _positive("lora.lr_ratio", lora.lr_ratio, allow_none=True)
         for k, v in lora.rank_pattern.items():
             _positive(f"lora.rank_pattern.{k}", v)
+    _one_of("lora.dtype", lora.dtype, LORA_DTYPES)
+    if lora.dtype != "float32" and lora.method != "lora":
+        raise config_error("lora.dtype", lora.dtype, f"it sets the dtype of LoRA adapter weights, and "
+                           f"lora.method={lora.method!r} has none; use lora.dtype=float32")
     _check_init_from(lora)
     _one_of("quant.mode", cfg.quant.mode, ("none", "int8", "nf4", "fp4"))
     _one_of("quant.compute_dtype", cfg.quant.compute_dtype, ("auto", "bfloat16", "float16", "float32"))
@@ -229,6 +242,11 @@ def validate(cfg: Config) -> Config:
     o = cfg.optim
     _one_of("optim.name", o.name, ("adamw", "adamw8bit", "paged_adamw8bit"))
     _one_of("optim.impl", o.impl, ("fused", "foreach", "for"))
+    for name, value, uses in (("quant.mode", cfg.quant.mode, cfg.quant.mode != "none"),
+                              ("optim.name", o.name, o.name != "adamw")):
+        if uses and importlib.util.find_spec("bitsandbytes") is None:
+            raise config_error(name, value, "it needs bitsandbytes, which is not installed: "
+                                            "`pip install -e '.[quant]'`, or use quant=none / optim.name=adamw")
     _positive("optim.lr", o.lr)
     if o.weight_decay < 0:
         raise config_error("optim.weight_decay", o.weight_decay, "it must be >= 0")
@@ -241,6 +259,20 @@ def validate(cfg: Config) -> Config:
         _positive(f"data.{name}", getattr(d, name), allow_none=True)
     if d.num_workers < 0:
         raise config_error("data.num_workers", d.num_workers, "it must be >= 0")
+    if d.batch_size % d.grad_accum:
+        divisors = [k for k in range(1, d.batch_size + 1) if d.batch_size % k == 0]
+        raise config_error("data.grad_accum", d.grad_accum,
+                           f"data.batch_size={d.batch_size} is the batch per optimizer step, split into grad_accum "
+                           f"equal micro-batches, so grad_accum must divide it: use one of {divisors}")
+    if cfg.memory.gradient_checkpointing and lora.method == "head":
+        raise config_error("memory.gradient_checkpointing", True,
+                           "with lora.method=head no gradient flows into the base model, so there are no "
+                           "activations to checkpoint (enabling it would only add a backward pass through the frozen "
+                           "model); set memory.gradient_checkpointing=false")
+    if cfg.trainer.get("accumulate_grad_batches", d.grad_accum) != d.grad_accum:
+        raise config_error("trainer.accumulate_grad_batches", cfg.trainer["accumulate_grad_batches"],
+                           f"it follows data.grad_accum (={d.grad_accum}), which also splits each batch into "
+                           f"micro-batches; set data.grad_accum instead")
     known = _trainer_args()
     for key in cfg.trainer:
         if key in _RESERVED_TRAINER_ARGS:

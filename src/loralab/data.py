@@ -150,12 +150,17 @@ class LengthGroupedBatches(Sampler[list[int]]):
 
     With `group=False` it is a plain seeded random batcher. Each rank takes every world-th batch, so DDP needs no
     DistributedSampler; `set_epoch` (called by Lightning) reshuffles reproducibly per epoch.
+
+    Gradient accumulation (`accum` > 1): each batch of `batch_size` (one optimizer step) is yielded as `accum`
+    consecutive micro-batches of (near-)equal size, so an optimizer step sees the same examples whatever `accum` is,
+    and every rank yields the same number of micro-batches. A last, partial batch with fewer than `accum` examples
+    cannot be split and is dropped (with `accum` = 1 nothing ever is).
     """
 
     def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, group: bool = True,
-                 rank: int = 0, world: int = 1, mega: int = 50):
+                 rank: int = 0, world: int = 1, mega: int = 50, accum: int = 1):
         self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
-        self.rank, self.world, self.mega, self.epoch = rank, world, mega, 0
+        self.rank, self.world, self.mega, self.epoch, self.accum = rank, world, mega, 0, accum
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -168,17 +173,22 @@ class LengthGroupedBatches(Sampler[list[int]]):
             perm = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")]
                                    for c in np.array_split(perm, max(1, -(-len(perm) // size)))])
         batches = [perm[i:i + self.batch_size] for i in range(0, len(perm), self.batch_size)]
+        if batches and len(batches[-1]) < self.accum:
+            batches.pop()
         order = rng.permutation(len(batches))
         n = len(batches) - len(batches) % self.world if self.world > 1 else len(batches)
         return [batches[i] for i in order[:n]]
 
     def __iter__(self) -> Iterator[list[int]]:
         for b in self._batches()[self.rank::self.world]:
-            yield b.tolist()
+            for micro in np.array_split(b, self.accum):
+                yield micro.tolist()
 
     def __len__(self) -> int:
         n = -(-len(self.lengths) // self.batch_size)
-        return n // self.world if self.world > 1 else n
+        if 0 < len(self.lengths) % self.batch_size < self.accum:
+            n -= 1
+        return (n // self.world if self.world > 1 else n) * self.accum
 
 
 def eval_batches(lengths: np.ndarray, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
@@ -217,7 +227,8 @@ class GlueDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         sampler = LengthGroupedBatches(self.train.lengths, self.cfg.batch_size, self.seed,
-                                       group=self.cfg.group_by_length, rank=rank, world=world)
+                                       group=self.cfg.group_by_length, rank=rank, world=world,
+                                       accum=self.cfg.grad_accum)
         return self._loader(self.train, sampler)
 
     def val_dataloader(self) -> list[DataLoader]:

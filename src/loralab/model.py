@@ -177,6 +177,9 @@ def check_modules(cfg: Config, model: nn.Module) -> None:
         if h not in top:
             raise ConfigError(f"model.head_modules contains {h!r}, which {cfg.model.name} does not have; "
                               f"remove it (e.g. model.head_modules=[classifier])")
+    if cfg.memory.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"memory.gradient_checkpointing=true: {cfg.model.name} ({type(model).__name__}) does not "
+                          f"support activation checkpointing in transformers; set memory.gradient_checkpointing=false")
     if lo.method != "lora":
         return
     n = num_layers(model)
@@ -286,10 +289,12 @@ def build_model(cfg: Config, resolved: str, tokenizer) -> nn.Module:
     if method == "lora":
         from peft import get_peft_model, prepare_model_for_kbit_training
 
-        if cfg.quant.mode != "none":
+        if cfg.quant.mode != "none":  # checkpointing follows memory.gradient_checkpointing (below), not peft's default
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        enable_checkpointing(model, cfg)
         L.seed_everything(cfg.seed, workers=True, verbose=False)  # A's random init depends on the seed alone
         peft_model = get_peft_model(model, peft_config(cfg))
+        cast_adapter(peft_model, cfg.lora.dtype)
         if cfg.lora.init_from:  # e.g. the paper's MRPC/RTE/STS-B runs start from the MNLI adapter
             from .init_from import load_init_adapter
 
@@ -300,7 +305,30 @@ def build_model(cfg: Config, resolved: str, tokenizer) -> nn.Module:
             peft_model.loralab_initial_adapter = {k: v.detach().clone() for k, v in peft_model.state_dict().items()
                                                   if "lora_" in k or "modules_to_save" in k}
         return peft_model
+    enable_checkpointing(model, cfg)
     return mark_trainable(model, method, heads)
+
+
+def enable_checkpointing(model: nn.Module, cfg: Config) -> None:
+    """memory.gradient_checkpointing: transformers' activation checkpointing, non-reentrant (it needs no input that
+    requires grad, so frozen embeddings are fine; transformers still hooks the embeddings to require grads)."""
+    if not cfg.memory.gradient_checkpointing:
+        return
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5; the old name is deprecated
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def cast_adapter(model: nn.Module, dtype: str) -> None:
+    """lora.dtype: store the LoRA tensors (A, B, DoRA magnitudes) in `dtype`; their gradients and optimizer states
+    follow. peft casts a LoRA layer's input to its weight dtype and the result back, so fp32 training still works."""
+    if dtype == "float32":
+        return
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(getattr(torch, dtype))
 
 
 def mark_trainable(model: nn.Module, method: str, heads: list[str]) -> nn.Module:

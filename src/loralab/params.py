@@ -7,14 +7,17 @@ is applied there by peft itself, so the counts are peft's own. Memory estimate, 
   stay fp32), or bitsandbytes int8 (1 B per weight + one fp32 scale per output row) or nf4/fp4 (0.5 B per weight +
   one fp32 absmax per 64 weights; with double quantization one uint8 absmax per 64 and one fp32 per 256 blocks).
   Only the linear layers of the base are quantized: embeddings, norms, biases and head modules stay fp32.
-- gradients: 4 B per trainable parameter (trainable parameters are fp32).
-- optimizer: AdamW 2 fp32 states = 8 B per trainable parameter; bitsandbytes 8-bit AdamW 2 uint8 states + one fp32
-  absmax per 256 values per state, for tensors of >= 4096 elements (smaller ones keep fp32 states).
+  LoRA weights take lora.dtype (4 B, or 2 B in bfloat16); head modules stay fp32.
+- gradients: one per trainable parameter, in its dtype (4 B; 2 B for bf16 LoRA weights).
+- optimizer: AdamW 2 states in the parameter's dtype = 8 B per fp32 trainable parameter (4 B per bf16 one);
+  bitsandbytes 8-bit AdamW (and its paged variant) 2 uint8 states + one fp32 absmax per 256 values per state, for
+  tensors of >= 4096 elements (smaller ones keep fp32 states, whatever the parameter's dtype).
 - activations (what autograd saves in one forward pass), per layer, after Korthikanti et al. 2022 ("Reducing
   Activation Recomputation in Large Transformer Models", sec. 4.1), generalized to GQA, gated MLPs, fused attention
   and frozen weights. b = batch, s = data.max_length (an upper bound: batches are padded dynamically), h = hidden,
   i = intermediate, a = heads, d_q = a * head_dim, d_kv = kv_heads * head_dim, e = bytes per activation
-  (4 in fp32, 2 under bf16/fp16), m = bytes per dropout mask (1 on GPU; on CPU torch keeps masks as floats, e):
+  (4 in fp32, 2 under bf16/fp16), m = bytes per dropout mask (1 on GPU; on CPU torch keeps masks as floats, e).
+  b is the micro-batch, data.batch_size / data.grad_accum (gradient accumulation runs one micro-batch at a time):
     2sbh e                       inputs of the two norms (full fine-tuning of RMSNorm models: 4sbh e)
     sb(d_q + 2 d_kv) e           Q, K, V kept by the attention kernel
     fused attention: sb d_q e    its output (flash / memory-efficient sdpa: no s^2 scores)
@@ -25,9 +28,19 @@ is applied there by peft itself, so the counts are peft's own. Memory estimate, 
   (sbh), of the output projection (sb d_q; kept anyway by fused attention), of the up/gate projection (sbh) and of the
   down projection (sbi). Full fine-tuning keeps all four; LoRA keeps a group's input when one of its modules is adapted
   (lora dropout 0) or, with lora dropout, one dropped-out copy (e) and mask (m) per adapted module; plus each adapter's
-  s b r e intermediate. BitFit keeps none (bias gradients need no inputs); head-only training keeps no layer
-  activations. Plus 2sbh e for the embeddings. Gradient checkpointing keeps each layer's input (sbh e) plus one layer's
-  activations. Checked against tensors autograd really saves for MiniLM and tiny Llama (tests/test_params.py).
+  s b r e intermediate. bf16 LoRA weights under fp32 training (lora.dtype=bfloat16): peft casts the LoRA input to
+  bf16, so the LoRA branch keeps its tensors at 2 B (and, with lora dropout 0, its own bf16 copy of the input per
+  adapted module). BitFit keeps none (bias gradients need no inputs); head-only training keeps no layer
+  activations. Plus 2sbh e for the embeddings. bitsandbytes int8 layers keep their input as an attribute of their
+  autograd node (`ctx.A`), so under int8 every group input is kept, as in full fine-tuning. Gradient checkpointing
+  (memory.gradient_checkpointing) keeps each layer's input (sbh e; under int8 also the o, up and down inputs) plus, at
+  the backward peak, one layer's recomputed activations and its gradients (CHECKPOINT_BACKWARD = 1.4 layers). Checked against tensors autograd really
+  saves for MiniLM and tiny Llama, and checkpointing against the live tensor peak (tests/test_params.py,
+  tests/test_memory_levers.py).
+
+Not counted: the runtime itself (Python, torch and the other libraries, the tokenizer and data; several hundred MB of
+process memory on a CPU), autograd's temporaries in backward, and allocator slack. A run records this estimate
+beside what it measured (results.json: `memory_estimate`, `estimated_peak_memory_mb`, `measured_memory_mb`).
 """
 from __future__ import annotations
 
@@ -42,13 +55,16 @@ import torch
 from torch import nn
 
 from .config import Config, compose
-from .model import _is_head, check_modules, count_params, mark_trainable, peft_config, skeleton
+from .model import _is_head, cast_adapter, check_modules, count_params, mark_trainable, peft_config, skeleton
 
 QUANT_MODES = ("fp32", "bf16", "int8", "nf4")
 BNB_4BIT_BLOCK = 64       # bitsandbytes 4-bit blocksize (weights per absmax)
 BNB_NESTED_BLOCK = 256    # double quantization: absmax values per second-level fp32 absmax
 BNB_OPTIM_BLOCK = 256     # bitsandbytes 8-bit optimizer state blocksize
 BNB_OPTIM_MIN_SIZE = 4096  # bitsandbytes keeps fp32 states for tensors smaller than this
+# Checkpointed backward: the recomputed layer's activations plus the gradients flowing through it. The live-tensor
+# peak measured 1.1-1.45x one layer's activations (LoRA on MiniLM at several batch/length shapes, tiny Llama, tiny Qwen).
+CHECKPOINT_BACKWARD = 1.4
 LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|blocks)\.(\d+)\.")
 ROLES = (("qkv", re.compile(r"(query|key|value|[qkv]_proj|query_proj|key_proj|value_proj|qkv_proj|in_proj)$")),
          ("o", re.compile(r"(attention\.output\.dense|o_proj|out_proj)$")),
@@ -70,6 +86,7 @@ def meta_model(cfg: Config) -> tuple[nn.Module, nn.Module, int]:
     lora = cfg.lora if cfg.lora.init == "mica" else replace(cfg.lora, init="default")
     with torch.device("meta"):
         model = get_peft_model(base, peft_config(replace(cfg, lora=lora)))
+    cast_adapter(model, cfg.lora.dtype)
     return model, model.get_base_model(), base_total
 
 
@@ -129,7 +146,7 @@ def weight_bytes(model: nn.Module, heads: list[str], double_quant: bool) -> dict
             continue
         n = p.numel()
         for mode in QUANT_MODES:
-            out[mode] += 2 * n if (mode == "bf16" and not p.requires_grad) else 4 * n
+            out[mode] += 2 * n if (mode == "bf16" and not p.requires_grad) else p.element_size() * n
     return out
 
 
@@ -139,7 +156,9 @@ def optimizer_bytes(model: nn.Module, name: str) -> int:
         if not p.requires_grad:
             continue
         n = p.numel()
-        if name == "adamw" or n < BNB_OPTIM_MIN_SIZE:
+        if name == "adamw":  # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype
+            total += 2 * p.element_size() * n
+        elif n < BNB_OPTIM_MIN_SIZE:
             total += 8 * n
         else:
             total += 2 * n + 2 * 4 * math.ceil(n / BNB_OPTIM_BLOCK)
@@ -165,14 +184,20 @@ def _dims(conf) -> dict[str, Any]:
             "p_attn": float(p_attn)}
 
 
-def activation_bytes(cfg: Config, base: nn.Module, adapted: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-layer and total activation memory for one micro-batch (formula in the module docstring)."""
+def activation_bytes(cfg: Config, base: nn.Module, adapted: list[dict[str, Any]], batch: int | None = None,
+                     seq_len: int | None = None) -> dict[str, Any]:
+    """Per-layer and total activation memory for one micro-batch (formula in the module docstring); `batch` and
+    `seq_len` default to the micro-batch data.batch_size / data.grad_accum and data.max_length."""
     d = _dims(base.config)
     precision = resolved_precision(cfg)
     gpu = str(cfg.trainer.get("accelerator", "auto")) in ("gpu", "cuda")
     e = 2 if precision.startswith(("bf16", "16")) else 4
     m = 1 if gpu else e
-    b, s = cfg.data.batch_size, cfg.data.max_length
+    e_lora = 2 if cfg.lora.dtype == "bfloat16" else e  # peft runs the LoRA branch in the adapter weights' dtype
+    m_lora = 1 if gpu else e_lora
+    int8 = cfg.quant.mode == "int8"
+    b = batch or cfg.data.batch_size // cfg.data.grad_accum
+    s = seq_len or cfg.data.max_length
     gated = any(n.endswith("gate_proj") for n, _ in base.named_modules())
     rms_norm = any("RMSNorm" in type(mod).__name__ for mod in base.modules())
     fused = bool(getattr(base, "_supports_sdpa", False)) and base.config.model_type != "deberta-v2" and (
@@ -196,21 +221,29 @@ def activation_bytes(cfg: Config, base: nn.Module, adapted: list[dict[str, Any]]
             el += scores * (2 if d["p_attn"] > 0 else 1)
             masks += scores if d["p_attn"] > 0 else 0
         mine = [x for x in adapted if x["layer"] == layer]
+        lora_bytes = 0
+        own_copy = e_lora != e  # the LoRA branch casts its input: a copy of its own per adapted module
         for group, size in groups.items():
             users = [x for x in mine if x["role"] == group]
             kept_anyway = group == "o" and fused
-            if not kept_anyway and (method == "full" or (users and p_lora == 0)):
+            if not kept_anyway and (method == "full" or int8 or (users and p_lora == 0 and not own_copy)):
                 el += size
             for x in users:
-                el += s * b * x["r"]
+                lora_bytes += s * b * x["r"] * e_lora
                 if p_lora > 0:
-                    el += size
-                    masks += size
-        per_layer.append(el * e + masks * m)
+                    lora_bytes += size * (e_lora + m_lora)
+                elif own_copy:
+                    lora_bytes += size * e_lora
+        per_layer.append(el * e + masks * m + lora_bytes)
     extra = 0 if method == "head" else 2 * sbh * e
     total = sum(per_layer) + extra
-    checkpointed = (d["L"] * sbh * e + max(per_layer, default=0) + extra) if method != "head" else 0
-    return {"total": total, "checkpointed": checkpointed, "per_layer": per_layer, "batch_size": b, "seq_len": s,
+    # int8 layers hold the inputs of o, up and down outside autograd's saved tensors: checkpointing keeps them too.
+    held = d["L"] * (groups["o"] + groups["up"] + groups["down"]) * e if int8 else 0
+    checkpointed = (d["L"] * sbh * e + held + CHECKPOINT_BACKWARD * max(per_layer, default=0) + extra
+                    if method != "head" else 0)
+    kept = checkpointed if cfg.memory.gradient_checkpointing else total
+    return {"total": total, "checkpointed": checkpointed, "kept": kept, "per_layer": per_layer, "batch_size": b,
+            "gradient_checkpointing": cfg.memory.gradient_checkpointing, "seq_len": s,
             "precision": precision, "bytes_per_activation": e, "bytes_per_mask": m, "fused_attention": fused,
             "gated_mlp": gated}
 
@@ -219,20 +252,24 @@ def weights_mode(cfg: Config) -> str:
     return {"none": "fp32", "int8": "int8", "nf4": "nf4", "fp4": "nf4"}[cfg.quant.mode]
 
 
-def estimate(cfg: Config) -> dict[str, Any]:
-    """Parameter counts, adapter size and the training-memory breakdown (bytes) for a config, without weights."""
+def estimate(cfg: Config, batch: int | None = None, seq_len: int | None = None) -> dict[str, Any]:
+    """Parameter counts, adapter size and the training-memory breakdown (bytes) for a config, without weights.
+
+    Activations are for one micro-batch of `batch` x `seq_len` (default: data.batch_size / data.grad_accum x
+    data.max_length, an upper bound under dynamic padding); `total` counts them as the config keeps them (checkpointed
+    when memory.gradient_checkpointing is on), `total_checkpointed` as checkpointing would."""
     model, base, base_total = meta_model(cfg)
     trainable, total = count_params(model)
     lora_total, lora_per_layer = lora_param_counts(model)
     adapted = adapted_modules(model)
     weights = weight_bytes(model, list(cfg.model.head_modules), cfg.quant.double_quant)
     mode = weights_mode(cfg)
-    acts = activation_bytes(cfg, base, adapted)
-    grads = 4 * trainable
+    acts = activation_bytes(cfg, base, adapted, batch, seq_len)
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     optim = optimizer_bytes(model, cfg.optim.name)
-    memory = {"weights": weights[mode], "gradients": grads, "optimizer": optim, "activations": acts["total"]}
+    memory = {"weights": weights[mode], "gradients": grads, "optimizer": optim, "activations": acts["kept"]}
     memory["total"] = sum(memory.values())
-    memory["total_checkpointed"] = memory["total"] - acts["total"] + acts["checkpointed"]
+    memory["total_checkpointed"] = memory["total"] - acts["kept"] + acts["checkpointed"]
     return {
         "model": cfg.model.name, "arch": cfg.model.arch, "method": cfg.lora.method,
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules),
@@ -273,17 +310,22 @@ def format_table(est: dict[str, Any]) -> str:
     rows.append(f"  adapter size           {_fmt_bytes(adapter['fp32']):>16} fp32, {_fmt_bytes(adapter['bf16'])} bf16 "
                 f"(LoRA only: {_fmt_bytes(adapter['lora_only_fp32'])} fp32)")
     rows.append("")
-    rows.append(f"  training memory (batch {acts['batch_size']}, length {acts['seq_len']}, {acts['precision']}, "
+    rows.append(f"  training memory (micro-batch {acts['batch_size']}, length {acts['seq_len']}, {acts['precision']}, "
                 f"{'fused' if acts['fused_attention'] else 'eager'} attention)")
     for mode, value in mem["weights_by_mode"].items():
         mark = "  <- this config" if mode == mem["weights_mode"] else ""
         rows.append(f"    weights {mode:<14} {_fmt_bytes(value):>16}{mark}")
     rows.append(f"    gradients              {_fmt_bytes(mem['gradients']):>16}")
     rows.append(f"    optimizer {mem['optimizer_name']:<14} {_fmt_bytes(mem['optimizer']):>16}")
-    rows.append(f"    activations            {_fmt_bytes(acts['total']):>16}"
-                f"  ({_fmt_bytes(acts['checkpointed'])} with gradient checkpointing)")
-    rows.append(f"    total                  {_fmt_bytes(mem['total']):>16}"
-                f"  ({_fmt_bytes(mem['total_checkpointed'])} with gradient checkpointing)")
+    if acts["gradient_checkpointing"]:
+        rows.append(f"    activations            {_fmt_bytes(acts['kept']):>16}  (gradient checkpointing on; "
+                    f"{_fmt_bytes(acts['total'])} without)")
+        rows.append(f"    total                  {_fmt_bytes(mem['total']):>16}")
+    else:
+        rows.append(f"    activations            {_fmt_bytes(acts['total']):>16}"
+                    f"  ({_fmt_bytes(acts['checkpointed'])} with gradient checkpointing)")
+        rows.append(f"    total                  {_fmt_bytes(mem['total']):>16}"
+                    f"  ({_fmt_bytes(mem['total_checkpointed'])} with gradient checkpointing)")
     return "\n".join(rows)
 
 
@@ -310,3 +352,18 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the full estimate as JSON")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides (model=..., lora.r=..., quant=...)")
     p.set_defaults(func=command)
+
+
+def memory_estimate_mb(cfg: Config, batch: int | None = None, seq_len: int | None = None) -> dict[str, Any]:
+    """The training-memory estimate of a run in MiB, as results.json records it (no weights are loaded)."""
+    mem = estimate(cfg, batch, seq_len)["memory"]
+    acts = mem["activations"]
+
+    def mb(n: float) -> float:
+        return round(n / 2**20, 1)
+
+    return {"weights_mb": mb(mem["weights"]), "gradients_mb": mb(mem["gradients"]),
+            "optimizer_mb": mb(mem["optimizer"]), "activations_mb": mb(acts["kept"]), "total_mb": mb(mem["total"]),
+            "micro_batch": acts["batch_size"], "seq_len": acts["seq_len"],
+            "gradient_checkpointing": acts["gradient_checkpointing"], "optimizer_name": mem["optimizer_name"],
+            "weights_mode": mem["weights_mode"]}

@@ -8,7 +8,7 @@ import json
 import os
 import platform
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
@@ -121,12 +121,13 @@ class RunRecord:
     cfg: Config
     folder: Path
     writer: bool = True  # False on DDP ranks > 0: results are written once, by rank 0
+    extra: dict[str, Any] = field(default_factory=dict)  # known before training (e.g. the memory estimate)
 
     def base(self, status: str) -> dict[str, Any]:
         c = self.cfg
         return {"status": status, "run_id": self.folder.name, "task": c.task.name, "model": c.model.name,
                 "seed": c.seed, "method": c.lora.method, "config": as_dict(c), "versions": versions(),
-                "git_commit": git_commit(), "hardware": hardware()}
+                "git_commit": git_commit(), "hardware": hardware(), **self.extra}
 
     def _write(self, data: dict[str, Any]) -> dict[str, Any]:
         if self.writer:

@@ -17,6 +17,14 @@ RUN_LINK = "run"  # in each Hydra job folder: a link to the run's folder in the 
 _NOT_AXES = ("store.", "logger.", "data.dir", "data.cache_dir", "trainer.enable_progress_bar")
 COST_FIELDS = ("trainable_params", "total_params", "adapter_bytes", "train_time_s", "train_samples_per_s",
                "peak_memory_mb", "best_epoch")
+# Measured memory beside `loralab params`' estimate (train.py). measured_memory_mb: the training steps' peak minus the
+# process's memory before the model was built (RSS on CPU, so it includes autograd temporaries and allocator slack);
+# estimated_seen_memory_mb: the estimate of the training tensors at the largest micro-batch the run really saw;
+# estimated_peak_memory_mb: the same at data.max_length (an upper bound under dynamic padding) with its parts.
+MEMORY_FIELDS = ("measured_memory_mb", "estimated_seen_memory_mb", "estimated_peak_memory_mb",
+                 "memory_estimate.weights_mb", "memory_estimate.gradients_mb", "memory_estimate.optimizer_mb",
+                 "memory_estimate.activations_mb", "memory_estimate_seen.activations_mb", "memory_baseline_mb",
+                 "steady_samples_per_s")
 
 
 def find_results(root: Path) -> list[Path]:
@@ -62,6 +70,12 @@ def swept_axes(rows: list[dict]) -> list[str]:
     return [k for k in keys if not k.startswith(_NOT_AXES) and len({str(f.get(k)) for f in flats}) > 1]
 
 
+def _dotted(r: dict, key: str) -> Any:
+    for part in key.split("."):
+        r = r.get(part) if isinstance(r, dict) else None
+    return r
+
+
 def summary_rows(rows: list[dict]) -> list[dict[str, Any]]:
     axes = swept_axes(rows)
     metric_keys = sorted({k for r in rows for k in ((r.get("metrics") or {}).get("best") or {})})
@@ -72,7 +86,8 @@ def summary_rows(rows: list[dict]) -> list[dict[str, Any]]:
         row = {"run_id": r.get("run_id"), "status": r.get("status"), "task": r.get("task"), "seed": r.get("seed"),
                **{a: flat.get(a) for a in axes}, "main_metric": main.get("name"), "main_value": main.get("value"),
                **{f"best.{m}": ((r.get("metrics") or {}).get("best") or {}).get(m) for m in metric_keys},
-               **{c: r.get(c) for c in COST_FIELDS}, "error": r.get("error"), "path": r["_path"]}
+               **{c: r.get(c) for c in COST_FIELDS}, **{c: _dotted(r, c) for c in MEMORY_FIELDS},
+               "error": r.get("error"), "path": r["_path"]}
         out.append(row)
     return out
 

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import Throughput, peak_memory_mb, reset_peak_memory
+from .callbacks import PeakMemory, Throughput, baseline_mb, memory_now_mb, peak_memory_mb, reset_peak_memory
 from .checkpoint_io import SafetensorsCheckpointIO
 from .config import Config, ConfigError, as_dict, to_config
 from .data import GlueDataModule, check_split
@@ -47,7 +47,7 @@ def make_loggers(cfg: Config, folder: Path) -> list:
     return loggers
 
 
-def make_trainer(cfg: Config, folder: Path, throughput: Throughput) -> L.Trainer:
+def make_trainer(cfg: Config, folder: Path, throughput: Throughput, memory: Optional[PeakMemory] = None) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     # One file, overwritten at each epoch end (atomically, by SafetensorsCheckpointIO): the resume point.
@@ -58,23 +58,49 @@ def make_trainer(cfg: Config, folder: Path, throughput: Throughput) -> L.Trainer
     args["precision"] = resolve_precision(args.get("precision"), str(args.get("accelerator")))
     args["strategy"] = handoff_strategy(args.get("strategy", "auto"), cfg, folder)
     return L.Trainer(default_root_dir=str(folder), logger=make_loggers(cfg, folder) or False,
-                     callbacks=[ckpt, throughput], plugins=[SafetensorsCheckpointIO()],
+                     callbacks=[ckpt, throughput, *([memory] if memory else [])], plugins=[SafetensorsCheckpointIO()],
                      use_distributed_sampler=False, **args)
+
+
+def estimate_fields(cfg: Config, batch: Optional[int] = None, seq_len: Optional[int] = None,
+                    key: str = "memory_estimate", total_key: str = "estimated_peak_memory_mb") -> dict[str, Any]:
+    """`loralab params`' training-memory estimate for this run (meta device, no weights), for results.json. It counts
+    training tensors (weights, gradients, optimizer states, activations) only, not the runtime: train() measures what
+    the run added over the process's baseline to compare. An estimate that fails never fails the run."""
+    from .params import memory_estimate_mb
+
+    try:
+        est = memory_estimate_mb(cfg, batch, seq_len)
+    except Exception as e:  # noqa: BLE001 - informational only
+        return {key: {"error": f"{type(e).__name__}: {e}"}}
+    return {key: est, total_key: est["total_mb"]}
 
 
 def train(cfg: Config, resolved: str, folder: Path) -> dict[str, Any]:
     """Fit (resuming from the last checkpoint when there is one) and return the results fields."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    reset_peak_memory()
+    if cfg.quant.mode != "none" or cfg.optim.name != "adamw":
+        import bitsandbytes  # noqa: F401 - imported before the memory baseline: library code is not training memory
     tokenizer = load_tokenizer(cfg.model, resolved)
     datamodule = GlueDataModule(cfg.task, cfg.data, tokenizer, cfg.seed)
+    datamodule.setup("fit")  # data in memory before the baseline (idempotent: fit's own setup call reuses it)
+    # Memory: measured_memory_mb is the peak of the training steps (PeakMemory: validation and model loading left
+    # out) minus what the process held before the model was built (Python, torch and the other libraries, tokenizer,
+    # data). On CPU both are process RSS, so the difference also holds autograd's temporaries, allocator slack and
+    # Lightning's objects; results.json puts the estimate of the training tensors (memory_estimate) beside it. The
+    # baseline is taken after releasing the heap, so that jobs of a sweep sharing a process do not reuse each other's
+    # freed memory unseen. peak_memory_mb stays the whole run's peak (loading and validation included).
+    reset_peak_memory()
+    memory_before = memory_now_mb()
     model = build_model(cfg, resolved, tokenizer)
+    load_peak_mb = peak_memory_mb()  # loading quantized weights reads them in fp32 first
+    reset_peak_memory()
     trainable, total = count_params(model)
     module = GlueModule(model, cfg)
     if cfg.compile:
         module.model.compile(dynamic=True)
-    throughput = Throughput()
-    trainer = make_trainer(cfg, folder, throughput)
+    throughput, memory = Throughput(), PeakMemory()
+    trainer = make_trainer(cfg, folder, throughput, memory)
     last = folder / "checkpoints" / LAST_CKPT
     resume = str(last) if cfg.store.resume and last.exists() else None
     if resume:
@@ -96,7 +122,9 @@ def train(cfg: Config, resolved: str, folder: Path) -> dict[str, Any]:
             trainer.strategy.finish(ok)
     if trainer.global_rank != 0:
         return {}
+    peak_mb, base_mb = max(load_peak_mb, memory.run_peak_mb, peak_memory_mb()), baseline_mb(memory_before)
     adapter_bytes = save_trained(model, cfg, folder / "adapter") if cfg.store.save_adapter else 0
+    seen = throughput.largest_batch
     best, final = module.best or {}, (module.history[-1] if module.history else {})
     keys = cfg.task.metric_keys()
     return {"metrics": {"best": {k: best.get(k) for k in keys}, "final": {k: final.get(k) for k in keys}},
@@ -106,7 +134,11 @@ def train(cfg: Config, resolved: str, folder: Path) -> dict[str, Any]:
             "train_time_s": round(train_time, 2), "train_samples_per_s": round(throughput.samples_per_s, 2),
             "steady_samples_per_s": round(throughput.steady_samples_per_s, 2),
             "train_samples": throughput.samples, "train_tokens": throughput.tokens, "resumed_from": resume,
-            "first_step_at": throughput.first_step_at, "peak_memory_mb": round(peak_memory_mb(), 1),
+            "first_step_at": throughput.first_step_at, "peak_memory_mb": round(peak_mb, 1),
+            "memory_baseline_mb": round(base_mb, 1), "train_peak_memory_mb": round(memory.train_peak_mb, 1),
+            "measured_memory_mb": round(memory.train_peak_mb - base_mb, 1),
+            **(estimate_fields(cfg, *seen, key="memory_estimate_seen", total_key="estimated_seen_memory_mb")
+               if seen else {}),
             "precision": str(trainer.precision), "global_steps": trainer.global_step}
 
 
@@ -155,6 +187,7 @@ def run(raw: DictConfig | Config) -> Optional[float]:
     lock = run_lock(folder) if is_rank_zero() else contextlib.nullcontext()
     try:
         resolved = preflight(cfg)
+        record.extra.update(estimate_fields(cfg))
         with lock:
             record.start()
             fields = train(cfg, resolved, folder)
