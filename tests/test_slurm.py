@@ -1,0 +1,224 @@
+"""Sweeps on a real SLURM cluster (issue 10): `hydra/launcher=slurm` submits a job array with `sbatch`; a job the
+cluster loses (killed while training, cancelled with `scancel`) is recorded as failed with SLURM's reason while the
+others finish; launching the same sweep again trains only what is missing.
+
+The one-node cluster comes from ../shared/slurm/slurm-up.sh (beside the repository; root only: it installs and
+starts munge, MariaDB, slurmdbd, slurmctld and slurmd). Every job is a tiny real run: MiniLM + LoRA on 64 RTE pairs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, needs_glue
+from sweep_helpers import TIMEOUT_S, TINY, clean_env, read_summary, train_cmd
+
+SLURM_DIR = REPO.parent / "shared" / "slurm"
+pytestmark = needs_glue("rte")
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30, check=False)
+    return proc.returncode == 0 and proc.stdout.strip() in ("idle", "mix", "alloc")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Bring the cluster up for the session and down at its end (left alone if it was already up)."""
+    up, down = SLURM_DIR / "slurm-up.sh", SLURM_DIR / "slurm-down.sh"
+    if os.geteuid() != 0:
+        pytest.skip("bringing up SLURM needs root")
+    if not up.is_file():
+        pytest.skip(f"no SLURM bring-up script at {up}")
+    was_up = _cluster_up()
+    start = time.perf_counter()
+    proc = subprocess.run(["bash", str(up)], capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"SLURM bring-up failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
+    print(f"\n[slurm] bring-up {time.perf_counter() - start:.1f} s (already up: {was_up})")
+    yield
+    if not was_up:
+        subprocess.run(["bash", str(down)], capture_output=True, timeout=120, check=False)
+
+
+def _array_id(sweep: Path, deadline: float) -> str:
+    """The SLURM array's id, from submitit's folder for job 0 (`.submitit/<array>_0`)."""
+    while time.monotonic() < deadline:
+        found = list((sweep / ".submitit").glob("*_0"))
+        if found:
+            return found[0].name.rsplit("_", 1)[0]
+        time.sleep(0.2)
+    raise AssertionError("the sweep submitted no job array")
+
+
+def _state(job: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, check=False)
+    return out.stdout.strip()
+
+
+def _run_status(store: Path, seed: int) -> str | None:
+    for p in store.glob("rte/*/results.json"):
+        try:
+            r = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if r.get("seed") == seed:
+            return r.get("status")
+    return None
+
+
+def _kill_job_processes(job: str) -> list[int]:
+    """SIGKILL the job's task processes (step 0), as the out-of-memory killer would."""
+    raw = subprocess.run(["squeue", "-h", "-j", job, "-o", "%A"], capture_output=True, text=True, check=True)
+    out = subprocess.run(["scontrol", "listpids", raw.stdout.strip()], capture_output=True, text=True,
+                         check=True).stdout  # listpids wants the element's own job id, not array_task
+    pids = [int(f[0]) for f in (line.split() for line in out.splitlines()[1:]) if len(f) >= 3 and f[2] == "0"]
+    for pid in pids:
+        os.kill(pid, 9)
+    return pids
+
+
+def _wait(proc: subprocess.Popen, log: Path) -> str:
+    try:
+        proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return log.read_text()
+
+
+@pytest.fixture(scope="module")
+def lost_jobs_sweep(slurm_cluster, tmp_path_factory: pytest.TempPathFactory, token_cache: Path) -> dict[str, Any]:
+    """`-m seed=0,1,2` through sbatch, two jobs at a time: job 2 is cancelled (`scancel`) while it waits for a core,
+    job 0 is killed (SIGKILL, as the out-of-memory killer does) once its run is training, job 1 finishes."""
+    tmp = tmp_path_factory.mktemp("slurm")
+    store, sweep = tmp / "runs", tmp / "sweep"
+    cores = os.cpu_count() or 1
+    cpus = max(1, cores // 2)  # SLURM counts cores (CR_Core): two jobs at once, the third pending
+    if cores // cpus != 2:
+        pytest.skip(f"{cores} cores cannot run exactly two of these jobs at once")
+    cmd = train_cmd("-m", "seed=0,1,2", *TINY, "hydra/launcher=slurm", "hydra.launcher.partition=debug",
+                    "hydra.launcher.timeout_min=5", "hydra.launcher.signal_delay_s=30",
+                    f"hydra.launcher.cpus_per_task={cpus}", "hydra.launcher.mem_gb=4",
+                    f"store.root={store}", f"hydra.sweep.dir={sweep}", cache=token_cache)
+    log = tmp / "sweep.log"
+    start = time.monotonic()
+    deadline = start + TIMEOUT_S
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp, env=clean_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+    array = None
+    try:
+        array = _array_id(sweep, deadline)
+        submitted = time.monotonic() - start
+        # Jobs 0 and 1 running (SLURM has split them off the array), job 2 waiting for a core: cancel it.
+        while [_state(f"{array}_{i}") for i in range(3)] != ["RUNNING", "RUNNING", "PENDING"]:
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        subprocess.run(["scancel", f"{array}_2"], check=True)
+        while (status := _run_status(store, seed=0)) != "running":
+            assert status is None, f"job 0's run ended ({status}) before it could be killed"
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+        killed_pids = _kill_job_processes(f"{array}_0")
+        killed_at = time.monotonic() - start
+        output = _wait(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            if array is not None:
+                subprocess.run(["scancel", array], check=False)
+    wall = time.monotonic() - start
+    print(f"\n[slurm] sweep with a lost job: submitted after {submitted:.1f} s, job 0 killed at {killed_at:.1f} s, "
+          f"sweep over after {wall:.1f} s")
+    return {"proc": proc, "output": output, "cmd": cmd, "tmp": tmp, "store": store, "sweep": sweep,
+            "array": array, "killed_pids": killed_pids, "wall_s": wall}
+
+
+def _rows_by_seed(sweep: Path) -> dict[str, dict[str, str]]:
+    return {r["seed"]: r for r in read_summary(sweep)}
+
+
+def test_lost_jobs_are_recorded_as_failed_while_the_others_finish(lost_jobs_sweep: dict[str, Any]) -> None:
+    s = lost_jobs_sweep
+    out = s["output"]
+    assert s["killed_pids"], "no process of job 0 was found to kill"
+    assert s["proc"].returncode != 0, out[-3000:]  # the sweep names its failures
+    assert "2 job(s) failed" in out and "summary.csv" in out, out[-3000:]
+    rows = _rows_by_seed(s["sweep"])
+    assert sorted(rows) == ["0", "1", "2"], rows
+    assert rows["1"]["status"] == "finished" and float(rows["1"]["main_value"]) >= 0
+    # Each lost job is a failed run with SLURM's reason: killed -> FAILED, scancel -> CANCELLED.
+    assert rows["0"]["status"] == "failed" and "state: FAILED" in rows["0"]["error"], rows["0"]
+    assert rows["2"]["status"] == "failed" and "state: CANCELLED" in rows["2"]["error"], rows["2"]
+    assert f"{s['array']}_0" in rows["0"]["error"] and f"{s['array']}_2" in rows["2"]["error"]
+    # Recorded where the job itself would have written: the run store, linked from the job folder.
+    for job, seed in (("0", 0), ("2", 2)):
+        r = json.loads((s["sweep"] / job / "run" / "results.json").read_text())
+        assert r["status"] == "failed" and r["seed"] == seed and r["error"].startswith("JobLost:")
+        assert (s["sweep"] / job / "run").resolve().parent == (s["store"] / "rte").resolve()
+
+
+def test_relaunch_trains_only_the_lost_jobs(lost_jobs_sweep: dict[str, Any]) -> None:
+    s = lost_jobs_sweep
+    done = s["sweep"] / "1" / "run"
+    stamp = {p: p.stat().st_mtime_ns for p in (done / "results.json", done / "adapter" / "adapter_model.safetensors")}
+    start = time.monotonic()
+    proc = subprocess.run(s["cmd"], cwd=s["tmp"], env=clean_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S, check=False)
+    print(f"\n[slurm] relaunch (1 skipped, 2 trained) {time.monotonic() - start:.1f} s")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    rows = _rows_by_seed(s["sweep"])
+    assert sorted(rows) == ["0", "1", "2"] and all(r["status"] == "finished" for r in rows.values()), rows
+    assert all(r["error"] == "" for r in rows.values())
+    for job in ("0", "1", "2"):
+        r = json.loads((s["sweep"] / job / "run" / "results.json").read_text())
+        assert r["status"] == "finished" and r["main_metric"]["value"] is not None
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # the finished run was not trained again
+    # It went through SLURM again: a second array whose job 1 skipped and whose jobs 0 and 2 trained.
+    arrays = {p.name.split("_")[0] for p in (s["sweep"] / ".submitit").glob("[0-9]*_[0-9]*")} - {s["array"]}
+    assert len(arrays) == 1, arrays
+    logs = {j: "".join(p.read_text() for p in (s["sweep"] / ".submitit").glob(f"{a}_{j}/*_log.*"))
+            for a in arrays for j in ("0", "1", "2")}
+    assert "already finished" in logs["1"] and "dev accuracy" not in logs["1"]
+    assert "dev accuracy" in logs["0"] and "dev accuracy" in logs["2"]
+
+
+# --- no cluster needed ------------------------------------------------------------------------------------------------
+
+class _FakeJob:
+    job_id = "7_2"
+    state = "UNKNOWN"  # sacct has no record of it
+
+    def __init__(self, done_after: int | None = None) -> None:
+        self.calls, self.done_after = 0, done_after
+
+    def done(self) -> bool:
+        self.calls += 1
+        return self.done_after is not None and self.calls > self.done_after
+
+
+def test_a_job_slurm_keeps_no_record_of_is_given_up_not_awaited_forever(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An array element cancelled before SLURM split it off the array never appears in sacct, and submitit would wait
+    for it forever (seen with SLURM 22.05); so would it for a killed job on a cluster without accounting."""
+    from hydra_plugins.loralab_sweeper import submitit_launchers as sl
+
+    monkeypatch.setattr(sl, "VANISH_S", 0)
+    monkeypatch.setattr(sl, "SQUEUE_EVERY_S", 0)
+    monkeypatch.setattr(sl.time, "sleep", lambda s: None)
+    answers = iter(["PENDING", None, None])
+    monkeypatch.setattr(sl, "squeue_state", lambda job_id: next(answers))
+    with pytest.raises(sl.JobVanished, match="not known to sacct or squeue"):
+        sl.wait_slurm_job(_FakeJob())
+
+    monkeypatch.setattr(sl, "squeue_state", lambda job_id: "RUNNING")  # live in the queue: keep waiting
+    job = _FakeJob(done_after=5)
+    sl.wait_slurm_job(job)
+    assert job.calls == 6
