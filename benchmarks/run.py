@@ -1,7 +1,8 @@
 """`make bench`: loralab vs the Trainer + peft pipeline (benchmarks/reference_run_glue.py), written to BENCHMARKS.md.
 
 Sections: (a) training throughput, (b) accuracy parity after one SST-2 epoch, (c) per-job sweep overhead,
-(d) peak memory by method, (e) model FLOP utilization against the measured matmul peak.
+(d) peak memory by method, (e) model FLOP utilization against the measured matmul peak, (f) adapters after
+training: inference latency merged vs unmerged, task switching by adapter swap vs merged-model reload.
 `python benchmarks/run.py --only a,e --reps 3` runs a subset; every table states the command that made it.
 """
 from __future__ import annotations
@@ -120,15 +121,20 @@ def overhead(jobs: int) -> str:
 
 
 def memory(steps: int) -> str:
+    """Training memory = peak RSS of the training steps minus the process's RSS before the model loaded (so the
+    Python/torch libraries and the tokenized data, the same for every method, are left out); whole-run peak RSS beside."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("lora", "full", "head"):
             r = loralab_run(["task=sst2", f"lora.method={method}", f"trainer.max_steps={steps}", "data.val_limit=32"],
                             Path(tmp) / method)
-            rows.append((method, r["peak_memory_mb"], r["trainable_params"]))
+            rows.append((method, r["measured_memory_mb"], r["peak_memory_mb"], r.get("estimated_seen_memory_mb", float("nan")),
+                         r["trainable_params"]))
     full = rows[1][1]
-    return ("| method | peak RSS (MB) | / full FT | trainable params |\n|---|---|---|---|\n"
-            + "\n".join(f"| {m} | {mb:.0f} | {mb / full:.2f} | {p:,} |" for m, mb, p in rows))
+    return ("| method | training memory (MB) | / full FT | estimate (`loralab params`, MB) | whole-run peak RSS (MB) "
+            "| trainable params |\n|---|---|---|---|---|---|\n"
+            + "\n".join(f"| {m} | {mb:.0f} | {mb / full:.2f} | {est:.0f} | {peak:.0f} | {p:,} |"
+                         for m, mb, peak, est, p in rows))
 
 
 def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 10) -> float:
@@ -164,9 +170,85 @@ def utilization(steps: int) -> str:
             f"| run precision | {r.get('precision')} |")
 
 
+def _latency(model, batches: list[dict], reps: int) -> float:
+    """Median seconds to run every batch once (inference mode), after one untimed pass."""
+    import torch
+
+    times = []
+    with torch.inference_mode():
+        for i in range(reps + 1):
+            t = time.perf_counter()
+            for b in batches:
+                model(**b)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+def adapters_after_training(steps: int, reps: int) -> str:
+    """Issue 4: inference latency merged vs unmerged; issue 11: switching tasks by adapter swap vs merged reload."""
+    import torch
+    from peft import PeftModel
+
+    from loralab.merge import merged_model
+    from loralab.predict import format_timing, load_base, resolve_source, swap_vs_reload
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        for task in ("sst2", "mrpc", "rte"):
+            loralab_run([f"task={task}", f"trainer.max_steps={steps}", "data.val_limit=32"], Path(tmp) / task)
+            runs[task] = next(Path(tmp, task).rglob("results.json")).parent
+        src = resolve_source(runs["sst2"])
+        merged, tok, _ = merged_model(runs["sst2"])
+        unmerged = PeftModel.from_pretrained(load_base(src.cfg, torch.device("cpu"), tok), str(src.weights)).eval()
+        import datasets
+
+        dev = datasets.load_dataset("parquet", data_files=f"{ENV['GLUE_DIR']}/sst2/validation-00000-of-00001.parquet",
+                                    split="train")["sentence"][:256]
+        rows = []
+        for bs in (1, 32):
+            texts = dev[:64] if bs == 1 else dev
+            batches = [dict(tok(texts[i:i + bs], padding=True, return_tensors="pt"))
+                       for i in range(0, len(texts), bs)]
+            tu, tm = _latency(unmerged, batches, reps), _latency(merged, batches, reps)
+            rows.append(f"| {bs} | {len(texts)} | {1e3 * tu / len(batches):.2f} | {1e3 * tm / len(batches):.2f} "
+                        f"| {tu / tm:.2f}x |")
+        swap = swap_vs_reload([runs[t] for t in ("sst2", "mrpc", "rte")], repeats=max(reps, 5))
+    return ("Inference latency on SST-2 dev sentences (dynamic padding, fp32, inference mode), peft model with the "
+            "adapter unmerged vs merged into the weights (`loralab merge`):\n\n"
+            "| batch | sentences | unmerged ms/batch | merged ms/batch | unmerged / merged |\n|---|---|---|---|---|\n"
+            + "\n".join(rows)
+            + "\n\nSwitching tasks on one resident base (`set_adapter`) vs loading that task's merged model "
+              "(`from_pretrained`, file already in the page cache), and disk size (adapters trained "
+              f"{steps} steps each):\n\n```\n{format_timing(swap)}\n```")
+
+
+SECTION_MARK = "<!-- bench section {} -->"
+HEADER = ("# Benchmarks\n\n`make bench` runs every section with the defaults (`python benchmarks/run.py`); "
+          "`--only a,e` reruns some sections and keeps the others. Each section names the command, commit and time "
+          "that made it. Goals and what limits them: see the notes under each table.\n")
+
+
+def _sections(text: str) -> dict[str, str]:
+    """Existing BENCHMARKS.md sections by key, so a partial rerun replaces only what it measured."""
+    import re
+
+    parts = re.split(r"(?=<!-- bench section \w -->)", text)
+    return {re.match(r"<!-- bench section (\w) -->", p).group(1): p.rstrip() + "\n"
+            for p in parts if p.startswith("<!-- bench section")}
+
+
+def _write(out: Path, kept: dict[str, str]) -> None:
+    body = [HEADER, "## Environment (of the latest run)\n" + environment()]
+    body += [kept[k] for k in sorted(kept)]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(body))
+    tmp.replace(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="a,b,c,d,e")
+    ap.add_argument("--only", default="a,b,c,d,e,f")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--slow-steps", type=int, default=40, help="steps for the pad-to-128 reference (16 samples/s)")
@@ -175,8 +257,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
     cmd = "python benchmarks/run.py " + " ".join(sys.argv[1:])
-    parts = [f"# Benchmarks\n\nMade by `{cmd}` (`make bench` runs every section with the defaults).\n",
-             "## Environment\n" + environment()]
+    out = Path(args.out)
+    kept = _sections(out.read_text()) if out.exists() else {}
     only = set(args.only.split(","))
     sections = {
         "a": ("(a) Training throughput: MiniLM + LoRA r=8 (query, value), SST-2, batch 32",
@@ -185,15 +267,21 @@ def main() -> None:
         "c": ("(c) Per-job sweep overhead", lambda: overhead(4)),
         "d": ("(d) Peak memory by method (RSS, SST-2, 30 steps)", lambda: memory(30)),
         "e": ("(e) Model FLOP utilization", lambda: utilization(args.steps)),
+        "f": ("(f) Adapters after training: merged vs unmerged latency, adapter swap vs reload",
+              lambda: adapters_after_training(30, args.reps)),
     }
+    from loralab.store import git_commit
+
     for key, (title, fn) in sections.items():
         if key in only:
             t = time.perf_counter()
             body = fn()
-            parts.append(f"## {title}\n{body}\n\n_{time.perf_counter() - t:.0f} s to measure._\n")
-            print(parts[-1], flush=True)
-    Path(args.out).write_text("\n".join(parts))
-    print(f"wrote {args.out}")
+            kept[key] = (f"{SECTION_MARK.format(key)}\n## {title}\nCommand: `{cmd}` (commit {git_commit()}, "
+                         f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+                         f"{time.perf_counter() - t:.0f} s to measure)\n\n{body}\n")
+            print(kept[key], flush=True)
+            _write(out, kept)  # after every section, so a long run keeps what it measured
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
