@@ -114,7 +114,7 @@ class DataConfig:
     eval_batch_size: int = 256
     grad_accum: int = 1
     group_by_length: bool = True
-    pad_to_multiple_of: int = 8
+    pad_to_multiple_of: int = 1
     num_workers: int = 0
     train_limit: Optional[int] = None
     val_limit: Optional[int] = None
