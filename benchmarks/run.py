@@ -241,6 +241,9 @@ def _sections(text: str) -> dict[str, str]:
 def _write(out: Path, kept: dict[str, str]) -> None:
     body = [HEADER, "## Environment (of the latest run)\n" + environment()]
     body += [kept[k] for k in sorted(kept)]
+    notes = ROOT / "benchmarks" / "NOTES.md"  # goals vs measured, and what limits them (written by hand)
+    if notes.exists():
+        body.append(notes.read_text())
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(body))
     tmp.replace(out)
