@@ -226,7 +226,7 @@ def adapters_after_training(steps: int, reps: int) -> str:
 SECTION_MARK = "<!-- bench section {} -->"
 HEADER = ("# Benchmarks\n\n`make bench` runs every section with the defaults (`python benchmarks/run.py`); "
           "`--only a,e` reruns some sections and keeps the others. Each section names the command, commit and time "
-          "that made it. Goals and what limits them: see the notes under each table.\n")
+          "that made it. Goals against the measurements, and what limits them: the last section (benchmarks/NOTES.md).\n")
 
 
 def _sections(text: str) -> dict[str, str]:
