@@ -80,7 +80,13 @@ def main() -> None:
         lr_scheduler_type="linear", weight_decay=0.0, seed=args.seed, save_strategy="no", eval_strategy="no",
         report_to=[], logging_steps=50, disable_tqdm=True, dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if args.group else "random", use_cpu=True)
-    collator = default_data_collator if pad == "max_length" else DataCollatorWithPadding(tok)
+    base_collator = default_data_collator if pad == "max_length" else DataCollatorWithPadding(tok)
+    batch_tokens: list[int] = []  # padded tokens of each training batch, in order (num_workers=0: no prefetch)
+
+    def collator(features):
+        batch = base_collator(features)
+        batch_tokens.append(int(batch["input_ids"].numel()))
+        return batch
     timer = StepTimer(args.warmup_skip)
     trainer = Trainer(model=model, args=targs, train_dataset=data["train"], eval_dataset=data["validation"],
                       data_collator=collator, callbacks=[timer],
@@ -89,6 +95,7 @@ def main() -> None:
     steps = timer.step - args.warmup_skip
     out = {"pipeline": "trainer+peft", "padding": args.padding, "group_by_length": args.group, "seed": args.seed,
            "steps_timed": steps, "train_samples_per_s": steps * 32 / (timer.t1 - timer.t0),
+           "tokens_per_sample": sum(batch_tokens[args.warmup_skip:timer.step]) / (steps * 32),
            "torch_threads": torch.get_num_threads()}
     if args.eval:
         out["accuracy"] = trainer.evaluate()["eval_accuracy"]

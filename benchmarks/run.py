@@ -68,20 +68,25 @@ def environment() -> str:
 def throughput(reps: int, steps: int, slow_steps: int) -> tuple[str, dict]:
     """Alternating repeats, medians; loralab's number leaves out its first 5 steps, as the reference does."""
     results: dict[str, list[float]] = {"loralab (defaults)": [], **{k: [] for k in REF_SETTINGS}}
+    tokens: dict[str, list[float]] = {k: [] for k in results}  # padded tokens per sample of the timed steps
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(reps):
             r = loralab_run(["task=sst2", f"trainer.max_steps={steps}", "data.val_limit=32", f"seed={rep}"],
                             Path(tmp) / f"t{rep}")
             results["loralab (defaults)"].append(r["steady_samples_per_s"])
+            tokens["loralab (defaults)"].append(r["train_tokens"] / r["train_samples"])
             for name, args in REF_SETTINGS.items():
                 n = slow_steps if "128" in name else steps
-                results[name].append(reference_run([*args, "--max-steps", str(n), "--seed", str(rep)])
-                                     ["train_samples_per_s"])
+                ref = reference_run([*args, "--max-steps", str(n), "--seed", str(rep)])
+                results[name].append(ref["train_samples_per_s"])
+                tokens[name].append(ref["tokens_per_sample"])
     med = {k: statistics.median(v) for k, v in results.items()}
     ours = med["loralab (defaults)"]
     rows = "\n".join(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} | "
+                     f"{statistics.median(tokens[k]):.1f} | {med[k] * statistics.median(tokens[k]):.0f} | "
                      f"{'—' if k.startswith('loralab') else f'{ours / med[k]:.2f}x'} |" for k, v in results.items())
-    table = ("| pipeline | samples/s (median) | repeats | loralab / this |\n|---|---|---|---|\n" + rows)
+    table = ("| pipeline | samples/s (median) | repeats | padded tokens/sample | padded tokens/s | loralab / this |\n"
+             "|---|---|---|---|---|---|\n" + rows)
     return table, med
 
 
