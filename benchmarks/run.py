@@ -229,6 +229,7 @@ def adapters_after_training(steps: int, reps: int) -> str:
 
 
 SECTION_MARK = "<!-- bench section {} -->"
+NOTES_MARK = "<!-- bench notes -->"
 HEADER = ("# Benchmarks\n\n`make bench` runs every section with the defaults (`python benchmarks/run.py`); "
           "`--only a,e` reruns some sections and keeps the others. Each section names the command, commit and time "
           "that made it. Goals against the measurements, and what limits them: the last section (benchmarks/NOTES.md).\n")
@@ -238,6 +239,7 @@ def _sections(text: str) -> dict[str, str]:
     """Existing BENCHMARKS.md sections by key, so a partial rerun replaces only what it measured."""
     import re
 
+    text = text.split(NOTES_MARK)[0].split("## Goals (issue 9)")[0]  # the notes are re-appended by _write
     parts = re.split(r"(?=<!-- bench section \w -->)", text)
     return {re.match(r"<!-- bench section (\w) -->", p).group(1): p.rstrip() + "\n"
             for p in parts if p.startswith("<!-- bench section")}
@@ -248,7 +250,7 @@ def _write(out: Path, kept: dict[str, str]) -> None:
     body += [kept[k] for k in sorted(kept)]
     notes = ROOT / "benchmarks" / "NOTES.md"  # goals vs measured, and what limits them (written by hand)
     if notes.exists():
-        body.append(notes.read_text())
+        body.append(NOTES_MARK + "\n" + notes.read_text())
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(body))
     tmp.replace(out)
