@@ -338,8 +338,8 @@ def by_task(task: str, table: dict, default: Any = _NO_DEFAULT) -> Any:
     tasks not in the table. A value `required:<message>` stops the run with that message (no sensible default)."""
     value = table.get(task, default)
     if value is _NO_DEFAULT:
-        raise ConfigError(f"task.name={task!r}: this experiment has no value for it; its tasks are "
-                          f"{', '.join(table)}")
+        raise ConfigError(f"task.name={task!r}: this experiment has no value for it; use task=<one of "
+                          f"{', '.join(table)}> or drop the +experiment override")
     if isinstance(value, str) and value.startswith("required:"):
         raise ConfigError(value.removeprefix("required:").strip())
     return value
