@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install train test test-full bench lint clean
+.PHONY: install train test test-full bench reproduce lint clean
 
 install:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,9 @@ test-full:
 
 bench:
 	$(BIN)/python benchmarks/run.py
+
+reproduce:   # REPRODUCTION.md: every run, table and figure (~2 h on 2 cores; finished runs are skipped)
+	$(BIN)/loralab reproduce
 
 lint:
 	$(BIN)/ruff check src tests benchmarks train.py

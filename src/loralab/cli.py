@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "loralab.params",
     "loralab.predict",
     "loralab.merge",
+    "loralab.reproduce",
 )
 
 

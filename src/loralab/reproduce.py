@@ -1,0 +1,312 @@
+"""`loralab reproduce`: the runs, tables and figures of REPRODUCTION.md, made with the project's own commands.
+
+Each part is one or more `train.py -m` sweeps over conf/experiment/repro_minilm.yaml (content-addressed run
+folders under runs/reproduction/<store>/, so a rerun skips finished runs and resumes interrupted ones) followed
+by the analysis commands (`loralab table | similarity | amplification`). Their outputs land in docs/reproduction/
+and the generated blocks of REPRODUCTION.md (between `<!-- reproduce:NAME -->` markers) are rewritten in place;
+the prose around them is never touched.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import CONF_DIR, ConfigError
+
+EXPERIMENT = "+experiment=repro_minilm"
+TASKS = "sst2,mrpc,cola,rte,stsb"
+SEEDS = "0,1,2"
+Q, QV, QKVO = "[query]", "[query,value]", "[query,key,value,attention.output.dense]"
+MIDDLE_LAYER = 3  # of MiniLM-L6's layers 0-5
+REPO = CONF_DIR.parent
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One `train.py -m` call: `axes` maps an override key to Hydra sweep values; runs go to runs/<root>/<store>."""
+
+    name: str
+    axes: dict[str, str]
+    store: str
+
+    def overrides(self) -> list[str]:
+        return [EXPERIMENT, *(f"{k}={v}" for k, v in self.axes.items())]
+
+    def jobs(self) -> list[list[str]]:
+        """The overrides of every job of this sweep (Hydra's own parser expands the values)."""
+        from .commands import sweep_values
+
+        keys = list(self.axes)
+        grids = [[f"{k}={_as_override(v)}" for v in sweep_values(k, self.axes[k])] for k in keys]
+        return [[EXPERIMENT, *combo] for combo in itertools.product(*grids)]
+
+
+def _as_override(value: object) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Part:
+    title: str
+    sweeps: tuple[Sweep, ...]
+    stores: tuple[str, ...] = field(default=())  # run stores its analysis reads (default: its sweeps' stores)
+
+
+PARTS: dict[str, Part] = {
+    "table2": Part(
+        "Table 2: full fine-tuning vs LoRA (r=8, q,v) vs head only, median of 3 seeds",
+        (
+            Sweep("lora", {"task": TASKS, "seed": SEEDS}, "table2"),
+            Sweep("full", {"task": TASKS, "seed": SEEDS, "lora": "full", "optim.lr": "5e-5"}, "table2"),
+            Sweep("head", {"task": TASKS, "seed": SEEDS, "lora": "head"}, "table2"),
+        ),
+    ),
+    "table6": Part(
+        "Table 6: rank r x weight types, seed 0",
+        (Sweep("rank_targets", {"task": "sst2,cola", "lora.r": "1,2,4,8,64",
+                                "lora.target_modules": f"{Q},{QV},{QKVO}"}, "table6"),),
+    ),
+    "table5": Part(
+        "Table 5: weight types at an equal parameter budget, seed 0",
+        (Sweep("budget", {"task": "sst2,cola", "lora": ",".join(
+            f"budget/{b}" for b in ("q_r8", "k_r8", "v_r8", "o_r8", "qk_r4", "qv_r4", "qkvo_r2"))}, "table5"),),
+    ),
+    "figures": Part(
+        "Figures 3 and 4 (subspace similarity) and Table 7 (amplification), SST-2, q,v adapters",
+        (
+            # r=4, 8, 64 at seed 0 are Table 6's runs (skipped when that part ran); the second r=64 seed is new.
+            Sweep("table6_runs", {"task": "sst2", "lora.r": "4,8,64", "lora.target_modules": QV}, "table6"),
+            Sweep("r64_seed1", {"task": "sst2", "lora.r": "64", "seed": "1"}, "figures"),
+        ),
+        stores=("figures",),
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class Paths:
+    root: Path   # run stores: <root>/<store>/<task>/<run_id>
+    docs: Path   # tables and figures
+    report: Path  # REPRODUCTION.md
+    extra: tuple[str, ...] = ()  # overrides added to every run (e.g. a smoke test: data.train_limit=64)
+
+    def store(self, name: str) -> Path:
+        return self.root / name
+
+
+def train_command(sweep: Sweep, paths: Paths) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), "-m", *sweep.overrides(), *paths.extra,
+            f"store.root={paths.store(sweep.store)}",
+            f"hydra.sweep.dir={paths.root / 'sweeps' / sweep.store / sweep.name}"]
+
+
+def run_sweep(sweep: Sweep, paths: Paths) -> None:
+    cmd = train_command(sweep, paths)
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, check=False)
+    if proc.returncode != 0:
+        raise ConfigError(f"sweep {sweep.store}/{sweep.name} failed (exit {proc.returncode}); its summary.csv under "
+                          f"{paths.root / 'sweeps'} names the failed runs; rerun `loralab reproduce` to resume")
+
+
+def run_dir(paths: Paths, store: str, overrides: list[str]) -> Path:
+    """The content-addressed folder of the run these overrides describe (the same id train.py computes)."""
+    from .config import compose
+    from .store import run_dir as store_run_dir
+
+    return store_run_dir(compose([*overrides, *paths.extra, f"store.root={paths.store(store)}"]))
+
+
+def loralab(*argv: str) -> None:
+    """Run a `loralab` command in-process; a non-zero exit stops the reproduction."""
+    from .cli import main
+
+    print("$ loralab " + " ".join(argv), flush=True)
+    code = main(list(argv))
+    if code:
+        raise ConfigError(f"`loralab {' '.join(argv)}` exited with {code}")
+
+
+# ----------------------------------------------------------------------------- analysis per part
+
+
+def analyse_table(layout: str, store: str, paths: Paths) -> str:
+    out = paths.docs / layout
+    loralab("table", str(paths.store(store)), "--layout", layout, "--out", str(out))
+    return out.with_suffix(".md").read_text().strip()
+
+
+def analyse_figures(paths: Paths) -> str:
+    sst2 = [EXPERIMENT, "task=sst2", f"lora.target_modules={QV}"]
+    r4, r8, r64 = (run_dir(paths, "table6", [*sst2, f"lora.r={r}"]) for r in (4, 8, 64))
+    r64_seed1 = run_dir(paths, "figures", [*sst2, "lora.r=64", "seed=1"])
+    layer = str(MIDDLE_LAYER)
+    loralab("similarity", str(r8), str(r64), "--layer", layer, "--out", str(paths.docs / "fig3_r8_vs_r64"))
+    loralab("similarity", str(r64), str(r64_seed1), "--layer", layer, "--out", str(paths.docs / "fig4_r64_seeds"))
+    blocks = [similarity_block("Figure 3 style: r=8 vs r=64 (seed 0)", paths.docs / "fig3_r8_vs_r64", paths),
+              similarity_block("Figure 4 style: r=64, seed 0 vs seed 1", paths.docs / "fig4_r64_seeds", paths)]
+    amp = {}
+    for r, run in ((4, r4), (64, r64)):
+        out = paths.docs / f"amplification_r{r}"
+        loralab("amplification", str(run), "--out", str(out))
+        amp[r] = json.loads((out / "amplification.json").read_text())["rows"]
+    blocks.append(amplification_block(amp))
+    return "\n\n".join(blocks)
+
+
+def similarity_block(title: str, folder: Path, paths: Paths) -> str:
+    data = json.loads((folder / "similarity.json").read_text())
+    lines = [f"**{title}** (layer {MIDDLE_LAYER}, right singular vectors of A)", "",
+             "| module | phi(1,1) | mean phi over i<=8, j<=8 | phi(r1, r2) | mean phi, random Gaussian baseline |",
+             "|---|:---:|:---:|:---:|:---:|"]
+    for res in data["results"]:
+        grid = res["grid"]
+        top = [row[:8] for row in grid[:8]]
+        mean8 = sum(map(sum, top)) / sum(map(len, top))
+        random = res["random_grid"]
+        lines.append(f"| {_short(res['module'])} | {grid[0][0]:.3f} | {mean8:.3f} | {grid[-1][-1]:.3f} | "
+                     f"{sum(map(sum, random)) / sum(map(len, random)):.3f} |")
+    pngs = sorted(folder.glob("*.png"))
+    lines += [""] + [f"![{title}: {p.stem}]({p.relative_to(paths.report.parent).as_posix()})" for p in pngs]
+    return "\n".join(lines)
+
+
+def _short(module: str) -> str:
+    return module.removeprefix("attention.self.")  # query, value; attention.output.dense stays distinct
+
+
+def amplification_block(amp: dict[int, list[dict]]) -> str:
+    """Table 7's columns at the middle layer, plus the amplification factor averaged over all layers."""
+    lines = [f"**Table 7 style: amplification** (dW = (alpha/r) B A; layer {MIDDLE_LAYER}; U, V = top-r singular "
+             "vectors of the named matrix; factor = ||dW||_F / ||U^T W V^T||_F with U, V of dW)", "",
+             "| r | module | ||dW||_F | ||U^T W V^T||_F, U,V of dW | of W | of random | factor | factor, mean of 6 layers |",
+             "|---|---|:---:|:---:|:---:|:---:|:---:|:---:|"]
+    for r, rows in amp.items():
+        for module in sorted({row["module"] for row in rows}):
+            mine = [row for row in rows if row["module"] == module]
+            mid = next(row for row in mine if row["layer"] == MIDDLE_LAYER)
+            mean = sum(row["amplification"] for row in mine) / len(mine)
+            lines.append(f"| {r} | {_short(module)} | {mid['norm_dW']:.3f} | {mid['proj_dW']:.3f} | {mid['proj_W']:.3f} | "
+                         f"{mid['proj_random']:.3f} | {mid['amplification']:.1f} | {mean:.1f} |")
+    return "\n".join(lines)
+
+
+def analyse(name: str, paths: Paths) -> str:
+    if name == "figures":
+        return analyse_figures(paths)
+    return analyse_table(name, PARTS[name].sweeps[0].store, paths)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def part_compute(part: Part, paths: Paths) -> dict:
+    """Runs and compute time of a part: each run's wall time from its start to its results.json."""
+    stores = part.stores or tuple(dict.fromkeys(s.store for s in part.sweeps))
+    runs, seconds = 0, 0.0
+    for store in stores:
+        for path in paths.store(store).glob("*/*/results.json"):
+            result = json.loads(path.read_text())
+            if result.get("status") == "finished" and result.get("job_started_at"):
+                runs += 1
+                seconds += path.stat().st_mtime - float(result["job_started_at"])
+    return {"runs": runs, "compute_s": round(seconds)}
+
+
+def hardware() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+
+
+def block(name: str, body: str, compute: dict, paths: Paths) -> str:
+    part = PARTS[name]
+    cmds = "\n".join(" ".join(["python train.py -m", *s.overrides(), *paths.extra, f"store.root={paths.store(s.store)}"])
+                     for s in part.sweeps)
+    runs = compute["runs"]
+    return (f"<!-- reproduce:{name} -->\n_{part.title}. {runs} run{'' if runs == 1 else 's'} trained, "
+            f"{compute['compute_s'] / 60:.1f} min of compute on {hardware()}. Regenerate this block: "
+            f"`loralab reproduce --only {name}`, which runs:_\n\n```\n{cmds}\n```\n\n{body}\n"
+            f"<!-- /reproduce:{name} -->")
+
+
+def splice(text: str, name: str, new_block: str) -> str:
+    """Replace the `<!-- reproduce:NAME -->` block of ``text`` (or append it when the markers are missing)."""
+    start, end = f"<!-- reproduce:{name} -->", f"<!-- /reproduce:{name} -->"
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        return text.rstrip("\n") + "\n\n" + new_block + "\n"
+    return text[:i] + new_block + text[j + len(end):]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def reproduce(names: list[str], paths: Paths, analysis_only: bool = False) -> None:
+    paths.docs.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        start = time.time()
+        if not analysis_only:
+            for sweep in PARTS[name].sweeps:
+                run_sweep(sweep, paths)
+        body = analyse(name, paths)
+        compute = part_compute(PARTS[name], paths)
+        report = paths.report.read_text() if paths.report.exists() else "# Reproduction\n"
+        write_atomic(paths.report, splice(report, name, block(name, body, compute, paths)))
+        print(f"{name}: {compute['runs']} runs ({compute['compute_s'] / 60:.1f} min of compute); this call "
+              f"{(time.time() - start) / 60:.1f} min -> {paths.report}", flush=True)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    names = args.only.split(",") if args.only else list(PARTS)
+    unknown = [n for n in names if n not in PARTS]
+    if unknown:
+        raise ConfigError(f"--only: unknown part(s) {unknown}; choose from {', '.join(PARTS)} (comma-separated)")
+    if not args.analysis_only and not (REPO / "train.py").exists():
+        raise ConfigError(f"train.py not found in {REPO}; run `loralab reproduce` from a loralab checkout")
+    paths = Paths(Path(args.root), Path(args.docs), Path(args.report), tuple(args.set))
+    if args.dry_run:
+        for name in names:
+            for sweep in PARTS[name].sweeps:
+                print(f"# {name}/{sweep.name}: {len(sweep.jobs())} runs")
+                print(" ".join(train_command(sweep, paths)[1:]))
+        return 0
+    reproduce(names, paths, args.analysis_only)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("reproduce", help="run REPRODUCTION.md's sweeps and analyses and rewrite its tables")
+    p.add_argument("--only", help=f"comma-separated parts (default: all of {', '.join(PARTS)})")
+    p.add_argument("--root", default="runs/reproduction", help="run stores (default: %(default)s)")
+    p.add_argument("--docs", default="docs/reproduction", help="tables and figures (default: %(default)s)")
+    p.add_argument("--report", default="REPRODUCTION.md", help="report whose blocks are rewritten (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override added to every run, e.g. --set trainer.max_epochs=1 for a quick pass "
+                        "(changes the run ids: these runs never mix with the full ones)")
+    p.add_argument("--analysis-only", action="store_true", help="skip training; rebuild tables from finished runs")
+    p.add_argument("--dry-run", action="store_true", help="print the sweeps and their run counts; run nothing")
+    p.set_defaults(func=cmd_reproduce)
