@@ -121,7 +121,8 @@ def test_table2_layout(runs: Path) -> None:
     one = df[(df["method"] == "full") | ((df["lora.r"] == 8) & (df["lora.target_modules"] == "query,value"))]
     p = tables.table2(one)
     assert p.mixed == []
-    assert list(p.display.columns) == ["# Params", "mrpc", "rte", "Avg."]
+    assert list(p.display.columns) == ["# Params", "mrpc (accuracy)", "rte (accuracy)", "Avg."]
+    assert list(p.display.index) == ["full", "lora"]  # the paper's order: baselines above LoRA
     assert p.display.at["full", "# Params"] == "22.8M" and p.display.at["lora", "# Params"] == "74.5K"
     assert p.display.at["full", "Avg."] == "76.5"  # mean(87, 66)
     assert p.display.at["lora", "Avg."] == "72.5"  # mean(83, 62)

@@ -73,12 +73,12 @@ PARTS: dict[str, Part] = {
     ),
     "table6": Part(
         "Table 6: rank r x weight types, seed 0",
-        (Sweep("rank_targets", {"task": "sst2,cola", "lora.r": "1,2,4,8,64",
+        (Sweep("rank_targets", {"task": "sst2,stsb", "lora.r": "1,2,4,8,64",
                                 "lora.target_modules": f"{Q},{QV},{QKVO}"}, "table6"),),
     ),
     "table5": Part(
         "Table 5: weight types at an equal parameter budget, seed 0",
-        (Sweep("budget", {"task": "sst2,cola", "lora": ",".join(
+        (Sweep("budget", {"task": "sst2", "lora": ",".join(
             f"budget/{b}" for b in ("q_r8", "k_r8", "v_r8", "o_r8", "qk_r4", "qv_r4", "qkvo_r2"))}, "table5"),),
     ),
     "figures": Part(

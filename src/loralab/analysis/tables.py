@@ -316,9 +316,29 @@ def add_average(p: Pivot) -> Pivot:
 # ----------------------------------------------------------------------------- layouts
 
 
+# The paper's order: GLUE columns as in Table 2, baselines above LoRA.
+PAPER_TASKS = ("mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb", "wnli")
+PAPER_METHODS = ("full", "bitfit", "head", "lora")
+
+
+def paper_order(p: Pivot, rows: Sequence[str], cols: Sequence[str]) -> Pivot:
+    """Reorder a pivot's rows and columns to ``rows``/``cols`` (labels not listed keep their place at the end)."""
+    row_order = [r for r in rows if r in p.median.index] + [r for r in p.median.index if r not in rows]
+    col_order = [c for c in cols if c in p.median.columns] + [c for c in p.median.columns if c not in cols]
+    for name in ("median", "spread", "count", "params"):
+        setattr(p, name, getattr(p, name).reindex(index=row_order, columns=col_order))
+    extra = [c for c in p.display.columns if c not in p.median.columns]  # "# Params"
+    p.display = p.display.reindex(index=row_order, columns=[*extra, *col_order])
+    return p
+
+
 def table2(df: pd.DataFrame, metric: str | None = None, spread: str = "halfrange") -> Pivot:
-    """Paper Table 2: rows = methods, columns = tasks, with # Params and Avg."""
-    return add_average(pivot(df, ["method"], ["task"], metric, spread))
+    """Paper Table 2: rows = methods, columns = tasks (headed with each task's metric), with # Params and Avg."""
+    p = paper_order(pivot(df, ["method"], ["task"], metric, spread), PAPER_METHODS, PAPER_TASKS)
+    if metric in (None, "", "main") and "main_metric.name" in df.columns:
+        names = df.groupby("task")["main_metric.name"].agg(lambda s: "/".join(sorted(set(map(str, s)))))
+        p.display.columns = [f"{c} ({names[c]})" if c in names else c for c in p.display.columns]
+    return add_average(p)
 
 
 def table5(df: pd.DataFrame, metric: str | None = None, spread: str = "halfrange") -> Pivot:
