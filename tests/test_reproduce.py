@@ -17,7 +17,7 @@ from conftest import needs_glue
 TRAIN_LIMITS = {"sst2": 4000, "mrpc": 2000, "cola": 4000, "rte": 1500, "stsb": 3000}
 
 
-@pytest.mark.parametrize(("name", "runs"), [("table2", 45), ("table6", 30), ("table5", 7), ("figures", 4)])
+@pytest.mark.parametrize(("name", "runs"), [("table2", 45), ("table6", 30), ("table5", 7), ("figures", 4), ("qlora", 6)])
 def test_each_part_composes_to_distinct_runs_on_the_stated_schedule(name: str, runs: int, tmp_path: Path) -> None:
     ids, methods, targets = set(), set(), set()
     for sweep in PARTS[name].sweeps:

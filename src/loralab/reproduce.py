@@ -59,7 +59,8 @@ def _as_override(value: object) -> str:
 class Part:
     title: str
     sweeps: tuple[Sweep, ...]
-    stores: tuple[str, ...] = field(default=())  # run stores its analysis reads (default: its sweeps' stores)
+    table: tuple[str, ...] = ()  # `loralab table` arguments for this part's store (none: the figures)
+    stores: tuple[str, ...] = field(default=())  # run stores its compute is counted from (default: its sweeps')
 
 
 PARTS: dict[str, Part] = {
@@ -70,16 +71,19 @@ PARTS: dict[str, Part] = {
             Sweep("full", {"task": TASKS, "seed": SEEDS, "lora": "full", "optim.lr": "5e-5"}, "table2"),
             Sweep("head", {"task": TASKS, "seed": SEEDS, "lora": "head"}, "table2"),
         ),
+        table=("--layout", "table2"),
     ),
     "table6": Part(
         "Table 6: rank r x weight types, seed 0",
         (Sweep("rank_targets", {"task": "sst2,stsb", "lora.r": "1,2,4,8,64",
                                 "lora.target_modules": f"{Q},{QV},{QKVO}"}, "table6"),),
+        table=("--layout", "table6"),
     ),
     "table5": Part(
         "Table 5: weight types at an equal parameter budget, seed 0",
         (Sweep("budget", {"task": "sst2", "lora": ",".join(
             f"budget/{b}" for b in ("q_r8", "k_r8", "v_r8", "o_r8", "qk_r4", "qv_r4", "qkvo_r2"))}, "table5"),),
+        table=("--layout", "table5"),
     ),
     "figures": Part(
         "Figures 3 and 4 (subspace similarity) and Table 7 (amplification), SST-2, q,v adapters",
@@ -89,6 +93,11 @@ PARTS: dict[str, Part] = {
             Sweep("r64_seed1", {"task": "sst2", "lora.r": "64", "seed": "1"}, "figures"),
         ),
         stores=("figures",),
+    ),
+    "qlora": Part(
+        "QLoRA on CPU: LoRA r=8 q,v over an fp32, int8 or nf4 (double-quantized) frozen base, seed 0",
+        (Sweep("quant", {"task": "sst2,stsb", "quant": "none,int8,nf4"}, "qlora"),),
+        table=("--rows", "quant.mode", "--cols", "task"),
     ),
 }
 
@@ -143,9 +152,9 @@ def loralab(*argv: str) -> None:
 # ----------------------------------------------------------------------------- analysis per part
 
 
-def analyse_table(layout: str, store: str, paths: Paths) -> str:
-    out = paths.docs / layout
-    loralab("table", str(paths.store(store)), "--layout", layout, "--out", str(out))
+def analyse_table(name: str, paths: Paths) -> str:
+    part, out = PARTS[name], paths.docs / name
+    loralab("table", str(paths.store(part.sweeps[0].store)), *part.table, "--out", str(out))
     return out.with_suffix(".md").read_text().strip()
 
 
@@ -205,9 +214,7 @@ def amplification_block(amp: dict[int, list[dict]]) -> str:
 
 
 def analyse(name: str, paths: Paths) -> str:
-    if name == "figures":
-        return analyse_figures(paths)
-    return analyse_table(name, PARTS[name].sweeps[0].store, paths)
+    return analyse_table(name, paths) if PARTS[name].table else analyse_figures(paths)
 
 
 # ----------------------------------------------------------------------------- report
