@@ -60,9 +60,14 @@ def write_runs(root: Path) -> Path:
                 "lora": lora,
                 "optim": {"lr": 5e-4},
                 "seed": seed,
+                "store": {"root": f"store{n % 2}"},  # where a run is recorded is not an axis
             },
             "versions": {"torch": "2"},
             "git_commit": "abc",
+            # measured per run, never axes: a cell of equal configs must not be reported as mixed
+            "job_started_at": 1000.0 + n,
+            "measured_memory_mb": 500.0 + n,
+            "memory_estimate": {"total_mb": 300.0 + n},
         }
         folder = root / f"run{n}"
         folder.mkdir(parents=True)

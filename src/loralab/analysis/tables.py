@@ -164,6 +164,21 @@ def _spread(values: pd.Series, kind: str) -> float:
     return float((values.max() - values.min()) / 2.0)
 
 
+def _semantic_key(column: str) -> bool:
+    """A config key that changes what a run computes (the run id's keys), not a measured result field
+    (memory, timings) nor a store/logger setting."""
+    from dataclasses import fields
+
+    from loralab.config import Config
+    from loralab.store import NON_SEMANTIC
+
+    head, _, rest = column.partition(".")
+    if head not in {f.name for f in fields(Config)}:
+        return False
+    skipped = NON_SEMANTIC.get(head, ())
+    return not (head in NON_SEMANTIC and (skipped is None or rest in skipped))
+
+
 def mixed_axes(df: pd.DataFrame, group_keys: Sequence[str]) -> list[str]:
     """Columns (other than seeds/ids/metrics) that vary within some group: cells mix configs."""
     result_cols = {c for c in df.columns if c.startswith(("metrics.", "main_metric.", "versions."))}
@@ -175,7 +190,8 @@ def mixed_axes(df: pd.DataFrame, group_keys: Sequence[str]) -> list[str]:
     }
     ignore = _NOT_AXES | result_cols | per_run | set(group_keys) | set(_RESULT_FIELDS)
     candidates = [
-        c for c in df.columns if c not in ignore and not c.endswith((".seed", "_dir", ".dir", ".path"))
+        c for c in df.columns
+        if c not in ignore and _semantic_key(c) and not c.endswith((".seed", "_dir", ".dir", ".path"))
     ]
     if not candidates:
         return []
