@@ -139,6 +139,22 @@ def test_missing_target_module_lists_the_real_ones(compose_cfg: Compose, no_load
         assert real in message
 
 
+@pytest.mark.parametrize("preset", ["o_r8", "qkvo_r2"])
+def test_a_module_path_suffix_adapts_only_that_module(preset: str, compose_cfg: Compose) -> None:
+    """`attention.output.dense` (the paper's W_o; plain `dense` would also hit the FFN and the pooler) passes the
+    preflight and peft adapts exactly the six attention-output projections."""
+    from loralab.model import build_model, load_tokenizer, resolve_model_path
+
+    cfg = compose_cfg(["task=sst2", f"lora=budget/{preset}"])
+    loralab.train.preflight(cfg)
+    resolved = resolve_model_path(cfg.model.path)
+    model = build_model(cfg, resolved, load_tokenizer(cfg.model, resolved))
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+    outputs = {n for n in adapted if n.endswith("attention.output.dense")}
+    assert len(outputs) == 6 and not any("intermediate" in n or "pooler" in n for n in adapted)
+    assert len(adapted) == 6 * len(cfg.lora.target_modules)
+
+
 def test_missing_head_module_is_named(compose_cfg: Compose, no_loading: None) -> None:
     cfg = compose_cfg(["task=mrpc", "model.head_modules=[classifier,score_head]"])
     with pytest.raises(ConfigError, match="model.head_modules.*score_head"):

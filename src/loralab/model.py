@@ -166,10 +166,12 @@ def check_modules(cfg: Config, model: nn.Module) -> None:
     Runs on the meta skeleton (preflight), before anything loads; messages name the field and what the model has.
     """
     names = linear_names(model)
+    paths = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
     lo = cfg.lora
     if lo.method == "lora" and lo.target_modules != ["all-linear"]:
         for t in lo.target_modules:
-            if t not in names:
+            # peft matches a name or a dotted path suffix (attention.output.dense: the attention output only)
+            if not any(p == t or p.endswith("." + t) for p in paths):
                 raise ConfigError(f"lora.target_modules contains {t!r}, which {cfg.model.name} does not have. "
                                   f"Its linear modules are: {', '.join(names)} (or use [all-linear])")
     top = {n.split(".")[0] for n, _ in model.named_modules() if n} | {n.split(".")[-1] for n, _ in model.named_modules()}
