@@ -142,6 +142,10 @@ def test_table5_and_table6_layouts(runs: Path) -> None:
     assert t6["mrpc"].median.at["query,value", "2"] == pytest.approx(77.0)
     md, tex, csv = tables.render(t6)
     assert "**mrpc**" in md and r"\begin{tabular}" in tex and set(csv["block"]) == {"mrpc", "rte"}
+    assert list(t6["mrpc"].display.index) == ["query", "query,value"]
+    # the paper's row order: q; q,v; q,k,v,o (not alphabetical, which puts q,k,v,o before q,v)
+    labels = ["query,value", "query,key,value,attention.output.dense", "query"]
+    assert tables.by_module_count(labels) == ["query", "query,value", "query,key,value,attention.output.dense"]
 
 
 def test_pareto_front() -> None:

@@ -362,16 +362,23 @@ def table5(df: pd.DataFrame, metric: str | None = None, spread: str = "halfrange
     lora = _lora_only(df)
     label = lora["lora.target_modules"].map(format_value) + " (r=" + lora["lora.r"].map(format_value) + ")"
     lora = lora.assign(**{"weight type": label})
-    return pivot(lora, ["task"], ["weight type"], metric, spread)
+    p = pivot(lora, ["task"], ["weight type"], metric, spread)
+    return paper_order(p, list(p.median.index), by_module_count(p.median.columns))
 
 
 def table6(df: pd.DataFrame, metric: str | None = None, spread: str = "halfrange") -> dict[str, Pivot]:
     """Paper Table 6: per task, rows = weight type, columns = r."""
     lora = _lora_only(df)
-    return {
-        str(task): pivot(g, ["lora.target_modules"], ["lora.r"], metric, spread)
-        for task, g in lora.groupby("task", sort=True)
-    }
+    pivots = {}
+    for task, g in lora.groupby("task", sort=True):
+        p = pivot(g, ["lora.target_modules"], ["lora.r"], metric, spread)
+        pivots[str(task)] = paper_order(p, by_module_count(p.median.index), list(p.median.columns))
+    return pivots
+
+
+def by_module_count(labels: Iterable[str]) -> list[str]:
+    """Weight-type labels as the paper lists them: fewer adapted module types first (q; q,v; q,k,v,o)."""
+    return sorted(labels, key=lambda label: len(str(label).split(",")))
 
 
 def _lora_only(df: pd.DataFrame) -> pd.DataFrame:
