@@ -146,6 +146,9 @@ def test_table5_and_table6_layouts(runs: Path) -> None:
     # the paper's row order: q; q,v; q,k,v,o (not alphabetical, which puts q,k,v,o before q,v)
     labels = ["query,value", "query,key,value,attention.output.dense", "query"]
     assert tables.by_module_count(labels) == ["query", "query,value", "query,key,value,attention.output.dense"]
+    budget = ["attention.output.dense (r=8)", "key (r=8)", "query,value (r=4)", "query (r=8)", "value (r=8)"]
+    assert tables.by_module_count(budget) == ["query (r=8)", "key (r=8)", "value (r=8)",
+                                              "attention.output.dense (r=8)", "query,value (r=4)"]
 
 
 def test_pareto_front() -> None:

@@ -203,8 +203,8 @@ def _short(module: str) -> str:
 def amplification_block(amp: dict[int, list[dict]]) -> str:
     """Table 7's columns at the middle layer, plus the amplification factor averaged over all layers."""
     lines = [f"**Table 7 style: amplification** (dW = (alpha/r) B A; layer {MIDDLE_LAYER}; U, V = top-r singular "
-             "vectors of the named matrix; factor = ||dW||_F / ||U^T W V^T||_F with U, V of dW)", "",
-             "| r | module | ||dW||_F | ||U^T W V^T||_F, U,V of dW | of W | of random | factor | factor, mean of 6 layers |",
+             "vectors of the named matrix; factor = ‖dW‖_F / ‖U^T W V^T‖_F with U, V of dW)", "",
+             "| r | module | ‖dW‖_F | ‖U^T W V^T‖_F, U,V of dW | of W | of random | factor | factor, mean of 6 layers |",
              "|---|---|:---:|:---:|:---:|:---:|:---:|:---:|"]
     for r, rows in amp.items():
         for module in sorted({row["module"] for row in rows}):
@@ -212,7 +212,7 @@ def amplification_block(amp: dict[int, list[dict]]) -> str:
             mid = next(row for row in mine if row["layer"] == MIDDLE_LAYER)
             mean = sum(row["amplification"] for row in mine) / len(mine)
             lines.append(f"| {r} | {_short(module)} | {mid['norm_dW']:.3f} | {mid['proj_dW']:.3f} | {mid['proj_W']:.3f} | "
-                         f"{mid['proj_random']:.3f} | {mid['amplification']:.1f} | {mean:.1f} |")
+                         f"{mid['proj_random']:.3f} | {mid['amplification']:.2f} | {mean:.2f} |")
     return "\n".join(lines)
 
 
@@ -286,7 +286,7 @@ def reproduce(names: list[str], paths: Paths, analysis_only: bool = False) -> No
         compute = part_compute(PARTS[name], paths)
         report = paths.report.read_text() if paths.report.exists() else "# Reproduction\n"
         write_atomic(paths.report, splice(report, name, block(name, body, compute, paths)))
-        print(f"{name}: {compute['runs']} runs ({compute['compute_s'] / 60:.1f} min of compute); this call "
+        print(f"{name}: {compute['runs']} run(s) trained ({compute['compute_s'] / 60:.1f} min of compute); this call "
               f"{(time.time() - start) / 60:.1f} min -> {paths.report}", flush=True)
 
 

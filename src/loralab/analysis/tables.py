@@ -376,9 +376,19 @@ def table6(df: pd.DataFrame, metric: str | None = None, spread: str = "halfrange
     return pivots
 
 
+# W_q, W_k, W_v, W_o in BERT and Llama-style names: the order the paper lists weight types in.
+_QKVO = ("query", "q_proj", "key", "k_proj", "value", "v_proj", "attention.output.dense", "o_proj")
+
+
 def by_module_count(labels: Iterable[str]) -> list[str]:
-    """Weight-type labels as the paper lists them: fewer adapted module types first (q; q,v; q,k,v,o)."""
-    return sorted(labels, key=lambda label: len(str(label).split(",")))
+    """Weight-type labels as the paper lists them: fewer adapted module types first, then q, k, v, o order
+    (q; k; v; o; q,k; q,v; q,k,v,o). A label may carry a suffix such as " (r=8)"."""
+
+    def key(label: str) -> tuple:
+        modules = str(label).split(" (")[0].split(",")
+        return len(modules), [_QKVO.index(m) if m in _QKVO else len(_QKVO) for m in modules]
+
+    return sorted(labels, key=key)
 
 
 def _lora_only(df: pd.DataFrame) -> pd.DataFrame:
