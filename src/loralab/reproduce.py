@@ -33,7 +33,7 @@ REPO = CONF_DIR.parent
 
 @dataclass(frozen=True)
 class Sweep:
-    """One `train.py -m` call: `axes` maps an override key to Hydra sweep values; runs go to runs/<root>/<store>."""
+    """One `train.py -m` call: `axes` maps an override key to Hydra sweep values; runs go to <root>/<store>/."""
 
     name: str
     axes: dict[str, str]
@@ -192,7 +192,8 @@ def similarity_block(title: str, folder: Path, paths: Paths) -> str:
         lines.append(f"| {_short(res['module'])} | {grid[0][0]:.3f} | {mean8:.3f} | {grid[-1][-1]:.3f} | "
                      f"{sum(map(sum, random)) / sum(map(len, random)):.3f} |")
     pngs = sorted(folder.glob("*.png"))
-    lines += [""] + [f"![{title}: {p.stem}]({p.relative_to(paths.report.parent).as_posix()})" for p in pngs]
+    links = [Path(os.path.relpath(p, paths.report.parent)).as_posix() for p in pngs]  # relative to the report
+    lines += [""] + [f"![{title}: {p.stem}]({link})" for p, link in zip(pngs, links)]
     return "\n".join(lines)
 
 
