@@ -6,6 +6,7 @@ seeds (``spread="halfrange"``, the default) or the sample std (``spread="std"``)
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -164,16 +165,22 @@ def _spread(values: pd.Series, kind: str) -> float:
     return float((values.max() - values.min()) / 2.0)
 
 
-def _semantic_key(column: str) -> bool:
-    """A config key that changes what a run computes (the run id's keys), not a measured result field
-    (memory, timings) nor a store/logger setting."""
+@functools.cache
+def _config_sections() -> frozenset[str]:
     from dataclasses import fields
 
     from loralab.config import Config
+
+    return frozenset(f.name for f in fields(Config))
+
+
+def _semantic_key(column: str) -> bool:
+    """A config key that changes what a run computes (the run id's keys), not a measured result field
+    (memory, timings) nor a store/logger setting."""
     from loralab.store import NON_SEMANTIC
 
     head, _, rest = column.partition(".")
-    if head not in {f.name for f in fields(Config)}:
+    if head not in _config_sections():
         return False
     skipped = NON_SEMANTIC.get(head, ())
     return not (head in NON_SEMANTIC and (skipped is None or rest in skipped))
