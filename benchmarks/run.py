@@ -54,7 +54,7 @@ def environment() -> str:
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    from loralab.speed import cpu_has_fast_bf16
+    from loralab.lightning.precision import cpu_has_fast_bf16
 
     v = versions()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
@@ -194,8 +194,10 @@ def adapters_after_training(steps: int, reps: int) -> str:
     import torch
     from peft import PeftModel
 
-    from loralab.merge import merged_model
-    from loralab.predict import format_timing, load_base, resolve_source, swap_vs_reload
+    from loralab.adapters.merge import merged_model
+    from loralab.adapters.loader import load_base, resolve_source
+    from loralab.adapters.swap import swap_vs_reload
+    from loralab.cli.adapters import format_timing
 
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:

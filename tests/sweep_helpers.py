@@ -12,7 +12,8 @@ from typing import Any
 
 from conftest import REPO
 
-from loralab.summary import SUMMARY, find_results
+from loralab.sweep.collect import find_results
+from loralab.sweep.summary import SUMMARY
 
 TRAIN_PY = REPO / "train.py"
 # A tiny real run: 64 RTE training pairs (two steps of 32), 32 dev pairs.

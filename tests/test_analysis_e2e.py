@@ -8,7 +8,7 @@ import pytest
 
 from loralab.cli import main as cli
 from loralab.store import run_dir
-from loralab.train import run
+from loralab.run.train import run
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from conftest import REPO, needs_glue
 from omegaconf import OmegaConf
 from sweep_helpers import TINY, clean_env, launch, read_summary, tail, train_cmd
 
-from loralab.tracking import after_sweep
+from loralab.analysis.wandb_log import after_sweep
 
 FAKE_KEY = "loralab-analysis-secret-" + "fedcba9876543210" * 2
 
@@ -133,12 +133,12 @@ def test_no_wandb_run_unless_the_sweep_used_the_wandb_logger(tmp_path: Path) -> 
 def test_a_wandb_problem_never_fails_the_sweep(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The sweep's runs are recorded before the hook runs: a W&B failure is a warning, not a failed sweep."""
-    import loralab.tracking
+    import loralab.analysis.wandb_log
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("W&B is down")
 
-    monkeypatch.setattr(loralab.tracking, "log_sweep_summary", broken)
+    monkeypatch.setattr(loralab.analysis.wandb_log, "log_sweep_summary", broken)
     after_sweep(tmp_path, OmegaConf.create({"logger": {"wandb": True, "project": "p", "entity": None, "mode": None}}))
     assert "W&B is down" in caplog.text and "summary was not logged" in caplog.text
 

@@ -15,17 +15,17 @@ from hydra import initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
 
-import loralab.data
-import loralab.train
+import loralab.run.data
+import loralab.run.train
 from loralab.config import CONF_DIR, Config, ConfigError, compose
-from loralab.hub import hub_reachable
+from loralab.run.weights import hub_reachable
 
 GROUPS = ("model", "task", "lora", "quant", "optim", "trainer", "logger", "experiment", "memory")
 SHIPPED = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 
 
 def raw_config(overrides: list[str]) -> DictConfig:
-    """Hydra's composition alone, unvalidated: what train.py hands to `loralab.train.run`."""
+    """Hydra's composition alone, unvalidated: what train.py hands to `loralab.run.train.run`."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=overrides)
 
@@ -46,15 +46,15 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", guard("model load"))
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", guard("tokenizer load"))
-    monkeypatch.setattr(loralab.data, "load_split", guard("data load"))
-    monkeypatch.setattr(loralab.train, "train", guard("training"))
+    monkeypatch.setattr(loralab.run.data, "load_split", guard("data load"))
+    monkeypatch.setattr(loralab.run.train, "train", guard("training"))
 
 
 def run_fails(overrides: list[str], tmp_path: Path, token_cache: Path) -> str:
-    """`loralab.train.run` on the raw config raises ConfigError and starts no run; returns the message."""
+    """`loralab.run.train.run` on the raw config raises ConfigError and starts no run; returns the message."""
     raw = raw_config([f"store.root={tmp_path / 'runs'}", f"data.cache_dir={token_cache}", *overrides])
     with pytest.raises(ConfigError) as info:
-        loralab.train.run(raw)
+        loralab.run.train.run(raw)
     message = str(info.value)
     for path in tmp_path.rglob("results.json"):  # a failure may be recorded, but no run may start
         record = json.loads(path.read_text())
@@ -132,7 +132,7 @@ def test_unknown_task_group_names_it() -> None:
 def test_missing_target_module_lists_the_real_ones(compose_cfg: Compose, no_loading: None) -> None:
     cfg = compose_cfg(["task=mrpc", "lora.target_modules=[nonexistent]"])
     with pytest.raises(ConfigError) as info:
-        loralab.train.preflight(cfg)
+        loralab.run.train.preflight(cfg)
     message = str(info.value)
     assert "lora.target_modules" in message and "nonexistent" in message
     for real in ("query", "key", "value", "dense"):
@@ -143,10 +143,11 @@ def test_missing_target_module_lists_the_real_ones(compose_cfg: Compose, no_load
 def test_a_module_path_suffix_adapts_only_that_module(preset: str, compose_cfg: Compose) -> None:
     """`attention.output.dense` (the paper's W_o; plain `dense` would also hit the FFN and the pooler) passes the
     preflight and peft adapts exactly the six attention-output projections."""
-    from loralab.model import build_model, load_tokenizer, resolve_model_path
+    from loralab.run.model import build_model
+    from loralab.run.weights import load_tokenizer, resolve_model_path
 
     cfg = compose_cfg(["task=sst2", f"lora=budget/{preset}"])
-    loralab.train.preflight(cfg)
+    loralab.run.train.preflight(cfg)
     resolved = resolve_model_path(cfg.model.path)
     model = build_model(cfg, resolved, load_tokenizer(cfg.model, resolved))
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A" in n}
@@ -158,7 +159,7 @@ def test_a_module_path_suffix_adapts_only_that_module(preset: str, compose_cfg: 
 def test_missing_head_module_is_named(compose_cfg: Compose, no_loading: None) -> None:
     cfg = compose_cfg(["task=mrpc", "model.head_modules=[classifier,score_head]"])
     with pytest.raises(ConfigError, match="model.head_modules.*score_head"):
-        loralab.train.preflight(cfg)
+        loralab.run.train.preflight(cfg)
 
 
 @pytest.mark.parametrize("task,split", [("qqp", "train"), ("mnli", "train"), ("qnli", "train")])

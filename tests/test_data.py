@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from conftest import GLUE_DIR, Compose, needs_glue
 
-import loralab.data
+import loralab.run.data
 from loralab.config import Config
-from loralab.data import (
+from loralab.run.data import (
     GlueDataModule,
     LengthGroupedBatches,
     PaddedBatches,
@@ -20,7 +20,7 @@ from loralab.data import (
     local_split_file,
     subsample,
 )
-from loralab.model import load_tokenizer, resolve_model_path
+from loralab.run.weights import load_tokenizer, resolve_model_path
 
 pytestmark = needs_glue("rte", "stsb")
 
@@ -50,13 +50,13 @@ def test_encode_split_tokenizes_once_then_reads_the_cache(rte: Config, tokenizer
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     data = dataclasses.replace(rte.data, cache_dir=str(tmp_path))
     calls: list[str] = []
-    real_load = loralab.data.load_split
+    real_load = loralab.run.data.load_split
 
     def counting(task, split, data_dir):
         calls.append(split)
         return real_load(task, split, data_dir)
 
-    monkeypatch.setattr(loralab.data, "load_split", counting)
+    monkeypatch.setattr(loralab.run.data, "load_split", counting)
     first = encode_split(tokenizer, rte.task, "validation", data)
     assert calls == ["validation"]
     assert len(list(tmp_path.rglob("validation-*.npz"))) == 1
@@ -64,13 +64,13 @@ def test_encode_split_tokenizes_once_then_reads_the_cache(rte: Config, tokenizer
     def refuse(*args, **kwargs):
         raise AssertionError("tokenized again instead of reading the cache")
 
-    monkeypatch.setattr(loralab.data, "load_split", refuse)
+    monkeypatch.setattr(loralab.run.data, "load_split", refuse)
     second = encode_split(tokenizer, rte.task, "validation", data)
     for field in ("ids", "types", "offsets", "labels", "idx"):
         np.testing.assert_array_equal(getattr(first, field), getattr(second, field))
 
     # A different truncation length is a different cache entry.
-    monkeypatch.setattr(loralab.data, "load_split", counting)
+    monkeypatch.setattr(loralab.run.data, "load_split", counting)
     short = encode_split(tokenizer, rte.task, "validation", dataclasses.replace(data, max_length=32))
     assert calls == ["validation", "validation"] and short.lengths.max() == 32
     assert len(list(tmp_path.rglob("validation-*.npz"))) == 2

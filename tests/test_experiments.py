@@ -14,10 +14,11 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from loralab.config import CONF_DIR, ConfigError
-from loralab.init_from import load_init_adapter
-from loralab.model import build_model, load_tokenizer, resolve_model_path
+from loralab.run.init_from import load_init_adapter
+from loralab.run.model import build_model
+from loralab.run.weights import load_tokenizer, resolve_model_path
 from loralab.store import run_id
-from loralab.train import run
+from loralab.run.train import run
 
 # The paper's grids (repro_minilm, REPRODUCTION.md's shortened schedule, is tested in test_reproduce.py).
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("paper_*.yaml"))

@@ -17,15 +17,16 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import loralab.optim
-import loralab.train
-from loralab.checkpoint_io import load_checkpoint_file
+import loralab.run.optim
+import loralab.run.train
+from loralab.lightning.checkpoint_io import load_checkpoint_file
 from loralab.config import ConfigError, compose
-from loralab.data import LengthGroupedBatches
-from loralab.model import build_model, load_tokenizer, resolve_model_path
-from loralab.params import estimate
+from loralab.run.data import LengthGroupedBatches
+from loralab.run.model import build_model
+from loralab.run.weights import load_tokenizer, resolve_model_path
+from loralab.run.estimate import estimate
 from loralab.store import read_results, run_dir
-from loralab.summary import write_summary
+from loralab.sweep.summary import write_summary
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MB = 2**20
@@ -120,7 +121,7 @@ def test_bitsandbytes_levers_need_bitsandbytes(monkeypatch: pytest.MonkeyPatch) 
 def test_checkpointing_on_a_model_without_support_stops_before_loading(compose_cfg: Compose, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Checked on the meta skeleton in preflight (the architecture's `supports_gradient_checkpointing`)."""
-    real_skeleton = loralab.train.skeleton
+    real_skeleton = loralab.run.preflight.skeleton
 
     def unsupported(*args, **kwargs):
         model = real_skeleton(*args, **kwargs)
@@ -130,11 +131,11 @@ def test_checkpointing_on_a_model_without_support_stops_before_loading(compose_c
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad combination was reported")
 
-    monkeypatch.setattr(loralab.train, "skeleton", unsupported)
-    monkeypatch.setattr(loralab.train, "build_model", no_loading)
+    monkeypatch.setattr(loralab.run.train, "skeleton", unsupported)
+    monkeypatch.setattr(loralab.run.train, "build_model", no_loading)
     cfg = compose_cfg(["memory=checkpointing"], root=tmp_path)
     with pytest.raises(ConfigError, match="memory.gradient_checkpointing=true: minilm .* does not support"):
-        loralab.train.run(cfg)
+        loralab.run.train.run(cfg)
     assert not list(tmp_path.rglob("*.safetensors"))
 
 
@@ -189,7 +190,7 @@ def test_eight_bit_optimizers_keep_uint8_states_paged_falls_back_on_cpu() -> Non
         paged = name.startswith("paged")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            opt = loralab.optim.build_optimizer(model, cfg)
+            opt = loralab.run.optim.build_optimizer(model, cfg)
             for p in model.parameters():
                 p.grad = torch.randn_like(p)
             opt.step()
@@ -228,7 +229,7 @@ def test_all_levers_train_on_real_sst2(compose_cfg: Compose, tmp_path: Path, mon
     round-trips them, and results.json / summary.csv put the measured memory beside the estimate."""
     pytest.importorskip("bitsandbytes")
     built: dict[str, Any] = {}
-    real_build, real_save = loralab.optim.build_optimizer, loralab.train.save_trained
+    real_build, real_save = loralab.run.optim.build_optimizer, loralab.run.train.save_trained
 
     def capture_optimizer(model, cfg):
         built["optimizer"] = real_build(model, cfg)
@@ -239,11 +240,11 @@ def test_all_levers_train_on_real_sst2(compose_cfg: Compose, tmp_path: Path, mon
         built["model"] = model
         return real_save(model, cfg, out)
 
-    monkeypatch.setattr(loralab.optim, "build_optimizer", capture_optimizer)
-    monkeypatch.setattr(loralab.train, "save_trained", capture_model)
+    monkeypatch.setattr(loralab.run.optim, "build_optimizer", capture_optimizer)
+    monkeypatch.setattr(loralab.run.train, "save_trained", capture_model)
     cfg = compose_cfg(["memory=all", "task=sst2", "data.train_limit=64", "data.val_limit=64", "data.batch_size=16",
                        "trainer.max_epochs=1", "optim.lr=1e-3", "trainer.log_every_n_steps=1"], root=tmp_path / "runs")
-    value = loralab.train.run(cfg)
+    value = loralab.run.train.run(cfg)
     r = read_results(run_dir(cfg))
     assert r is not None and r["status"] == "finished" and 0 <= value <= 1
 

@@ -7,7 +7,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from loralab.config import CONF_DIR, compose
-from loralab.metrics import metric, predictions, task_metrics
+from loralab.run.metrics import metric, predictions, task_metrics
 
 TASKS = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
 

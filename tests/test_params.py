@@ -8,7 +8,7 @@ import torch
 
 from loralab import cli
 from loralab.config import ConfigError, compose
-from loralab.params import estimate
+from loralab.run.estimate import estimate
 
 QV = "lora.target_modules=[query,value]"
 
@@ -52,7 +52,8 @@ def test_gqa_and_all_linear(offline):
 
 def test_minilm_meta_count_equals_loaded_model(offline):
     """The meta-device estimate counts exactly what the real pretrained model + peft gives (head: classifier+pooler)."""
-    from loralab.model import build_model, count_params, load_tokenizer, resolve_model_path
+    from loralab.run.model import build_model, count_params
+    from loralab.run.weights import load_tokenizer, resolve_model_path
 
     cfg = compose(["task=mrpc", QV])
     est = estimate(cfg)
@@ -98,7 +99,8 @@ def _saved_activation_bytes(model, batch) -> int:
     ["model=tiny-qwen", "lora.target_modules=[all-linear]", "lora.dropout=0"],
 ])
 def test_activation_estimate_matches_autograd(offline, overrides):
-    from loralab.model import build_model, load_tokenizer, resolve_model_path
+    from loralab.run.model import build_model
+    from loralab.run.weights import load_tokenizer, resolve_model_path
 
     b, s = 4, 64
     cfg = compose(["task=mrpc", "trainer.precision=32-true", f"data.batch_size={b}", f"data.max_length={s}",
@@ -128,8 +130,9 @@ def test_quantized_and_8bit_optimizer_bytes(offline):
 
 def test_eight_bit_optimizer_estimate_matches_bitsandbytes(offline):
     pytest.importorskip("bitsandbytes")
-    from loralab.model import build_model, load_tokenizer, resolve_model_path
-    from loralab.optim import build_optimizer
+    from loralab.run.model import build_model
+    from loralab.run.weights import load_tokenizer, resolve_model_path
+    from loralab.run.optim import build_optimizer
 
     cfg = compose(["lora.method=full", "optim.name=adamw8bit"])
     resolved = resolve_model_path(cfg.model.path)

@@ -11,20 +11,11 @@ import numpy as np
 import pytest
 
 from loralab.config import ConfigError
-from loralab.evaluation import LOCAL_METRIC, evaluate_run, glue_scores
-from loralab.predict import (
-    LEADERBOARD_FILES,
-    ModelBank,
-    Predictions,
-    leaderboard_values,
-    pick_device,
-    predict,
-    predict_source,
-    resolve_source,
-    resolve_sources,
-    swap_vs_reload,
-    write_leaderboard,
-)
+from loralab.adapters.evaluate import LOCAL_METRIC, evaluate_run, glue_scores
+from loralab.tasks import leaderboard_files
+from loralab.adapters.loader import ModelBank, pick_device, resolve_source, resolve_sources
+from loralab.adapters.predict import Predictions, leaderboard_values, predict, predict_source, write_leaderboard
+from loralab.adapters.swap import swap_vs_reload
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = os.environ.get("GLUE_DIR") or str(REPO.parent / "shared" / "glue")
@@ -42,7 +33,7 @@ def test_leaderboard_formats_follow_the_glue_server():
     for task in ("cola", "sst2", "mrpc", "qqp", "wnli"):
         assert leaderboard_values(task, np.array([1, 0]), ["a", "b"]) == ["1", "0"]
     assert leaderboard_values("stsb", np.array([-0.4, 2.5, 7.0], dtype=np.float32), []) == ["0.000", "2.500", "5.000"]
-    assert set(LEADERBOARD_FILES.values()) == {"CoLA.tsv", "SST-2.tsv", "MRPC.tsv", "STS-B.tsv", "QQP.tsv",
+    assert set(leaderboard_files().values()) == {"CoLA.tsv", "SST-2.tsv", "MRPC.tsv", "STS-B.tsv", "QQP.tsv",
                                                "MNLI-m.tsv", "MNLI-mm.tsv", "QNLI.tsv", "RTE.tsv", "WNLI.tsv"}
 
 
@@ -92,7 +83,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from loralab.config import compose
     from loralab.store import run_dir
-    from loralab.train import run
+    from loralab.run.train import run
 
     root = tmp_path_factory.mktemp("runs")
     out = {}

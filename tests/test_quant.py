@@ -15,16 +15,10 @@ import torch
 from torch import nn
 
 from loralab.config import ConfigError, compose
-from loralab.model import (
-    build_model,
-    check_modules,
-    compute_dtype,
-    count_params,
-    load_tokenizer,
-    resolve_model_path,
-    skeleton,
-)
-from loralab.params import estimate
+from loralab.run.model import build_model, compute_dtype, count_params
+from loralab.run.preflight import check_modules
+from loralab.run.weights import load_tokenizer, resolve_model_path, skeleton
+from loralab.run.estimate import estimate
 
 bnb = pytest.importorskip("bitsandbytes")
 GLUE = os.environ["GLUE_DIR"]
@@ -61,7 +55,7 @@ def quantized_steps(mode: str, *extra: str, steps: int = 2):
               ["Profits increased, the firm said.", "The weather was sunny."], padding=True, return_tensors="pt")
     labels = torch.tensor([1, 0])
     b0 = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    from loralab.optim import build_optimizer
+    from loralab.run.optim import build_optimizer
 
     opt = build_optimizer(model, cfg)
     losses = []
@@ -119,7 +113,7 @@ def test_nf4_on_a_tiny_decoder(monkeypatch, tmp_path):
 
 
 def test_compute_dtype_resolution(monkeypatch):
-    from loralab import speed
+    from loralab.lightning import precision as speed
 
     monkeypatch.setattr(speed, "cpu_has_fast_bf16", lambda: False)
     cfg = compose(["quant=nf4", "quant.compute_dtype=float32", "trainer=cpu"])
@@ -146,11 +140,11 @@ def test_quantization_conflicts_fail_before_loading():
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["nf4", "int8", "fp4"])
 def test_short_real_mrpc_run(tmp_path, mode):
-    """A real run through loralab.train.run: results.json reports the metric and peak memory."""
+    """A real run through loralab.run.train.run: results.json reports the metric and peak memory."""
     if not Path(GLUE).is_dir():
         pytest.skip("needs the local GLUE mirror")
     from loralab.store import read_results
-    from loralab.train import run
+    from loralab.run.train import run
 
     cfg = compose(["task=mrpc", f"quant={mode}", "quant.compute_dtype=float32", f"data.dir={GLUE}",
                    "data.train_limit=128", "data.val_limit=64", "trainer.max_steps=4", "trainer.enable_progress_bar=false",

@@ -9,7 +9,7 @@ import pytest
 
 from loralab.cli import main as cli
 from loralab.config import compose
-from loralab.reproduce import PARTS, Paths, reproduce, splice
+from loralab.analysis.reproduction import PARTS, Paths, reproduce, splice
 from loralab.store import run_id
 
 from conftest import needs_glue

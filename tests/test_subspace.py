@@ -14,7 +14,8 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from loralab.analysis import commands, subspace
+from loralab.analysis import subspace
+from loralab.cli import analysis as commands
 from loralab.analysis.subspace import (
     amplification,
     phi,

@@ -34,9 +34,9 @@ from sweep_helpers import (
 )
 
 from loralab import cli
-from loralab.commands import sweep_values
+from loralab.sweep.grid import sweep_values
 from loralab.config import CONF_DIR, compose
-from loralab.summary import SUMMARY
+from loralab.sweep.summary import SUMMARY
 
 pytestmark = needs_glue("rte")
 

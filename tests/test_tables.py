@@ -13,7 +13,8 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 
-from loralab.analysis import commands, plots, tables
+from loralab.analysis import plots, tables
+from loralab.cli import analysis as commands
 
 # (method, task, target_modules, r, seed, accuracy, trainable_params, peak_memory_mb)
 RUNS = [

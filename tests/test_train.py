@@ -15,10 +15,10 @@ import torch
 from conftest import GLUE_DIR, REPO, Compose, needs_glue
 from safetensors.torch import load_file
 
-import loralab.train
+import loralab.run.train
 from loralab.config import Config
-from loralab.data import local_split_file
-from loralab.model import load_tokenizer, resolve_model_path
+from loralab.run.data import local_split_file
+from loralab.run.weights import load_tokenizer, resolve_model_path
 from loralab.store import read_results, run_dir
 
 pytestmark = needs_glue("sst2", "stsb", "cola", "rte")
@@ -51,7 +51,7 @@ def probe_batch(cfg: Config) -> dict[str, torch.Tensor]:
 
 
 def train_once(cfg: Config) -> tuple[float, Path, dict[str, Any]]:
-    value = loralab.train.run(cfg)
+    value = loralab.run.train.run(cfg)
     folder = run_dir(cfg)
     results = read_results(folder)
     assert results is not None and results["status"] == "finished"
@@ -73,7 +73,7 @@ def binary(compose_cfg: Compose) -> dict[str, Any]:
     cfg = compose_cfg(BINARY)
     batch = probe_batch(cfg)
     captured: dict[str, torch.Tensor] = {}
-    save = loralab.train.save_trained
+    save = loralab.run.train.save_trained
 
     def capturing_save(model, cfg_, out):
         model.eval()
@@ -82,7 +82,7 @@ def binary(compose_cfg: Compose) -> dict[str, Any]:
         return save(model, cfg_, out)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loralab.train, "save_trained", capturing_save)
+        mp.setattr(loralab.run.train, "save_trained", capturing_save)
         value, folder, results = train_once(cfg)
     return {"cfg": cfg, "value": value, "folder": folder, "results": results, "batch": batch, **captured}
 
@@ -153,9 +153,9 @@ def test_finished_run_is_skipped(binary: dict[str, Any], monkeypatch: pytest.Mon
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(loralab.train, "train", refuse)
-    monkeypatch.setattr(loralab.train, "preflight", refuse)
-    assert loralab.train.run(binary["cfg"]) == binary["value"]
+    monkeypatch.setattr(loralab.run.train, "train", refuse)
+    monkeypatch.setattr(loralab.run.train, "preflight", refuse)
+    assert loralab.run.train.run(binary["cfg"]) == binary["value"]
     assert results_file.stat().st_mtime_ns == before
 
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from loralab.config import compose
-from loralab.data import GlueDataModule
-from loralab.model import build_model, load_tokenizer, resolve_model_path, save_trained
-from loralab.optim import build_optimizer
+from loralab.run.data import GlueDataModule
+from loralab.run.model import build_model, save_trained
+from loralab.run.weights import load_tokenizer, resolve_model_path
+from loralab.run.optim import build_optimizer
 
 pytestmark = pytest.mark.skipif(not os.environ.get("GLUE_DIR") and not Path("/work/shared/glue").is_dir(),
                                 reason="needs the local GLUE mirror (GLUE_DIR)")
@@ -104,7 +105,7 @@ def test_residual_inits_rewrite_the_base(batches, tmp_path, init):
     assert conf["r"] == 16 and conf["init_lora_weights"] is True
     from transformers import AutoModelForSequenceClassification
 
-    from loralab.merge import merge_adapter
+    from loralab.adapters.merge import merge_adapter
 
     merged = tmp_path / "merged"
     merge_adapter(tmp_path / "adapter", merged, task="mrpc")
@@ -198,7 +199,7 @@ def test_merge_matches_unmerged(batches, tmp_path, capsys):
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     if "merge" not in sub.choices:  # until cli.COMMAND_MODULES lists loralab.merge
-        from loralab import merge
+        from loralab.adapters import merge
 
         merge.register(sub)
     args = parser.parse_args(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--task", "mrpc"])

@@ -1,4 +1,8 @@
-"""Typed run configuration and every validation rule, applied before any model or data loads."""
+"""Typed run configuration and its value rules, applied before anything touches the disk or loads a model.
+
+Checks that need the disk or the model's shapes (data splits, module names, positions, adapter folders) live in
+loralab.run.preflight.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -13,21 +17,14 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import ConfigError, config_error
+from .tasks import GLUE_TASKS, METRICS, TASKS
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
-METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
 METHODS = ("lora", "full", "head", "bitfit")
 # peft LoRA initializations that need nothing from the network (eva needs a data pass; loftq a quantized model).
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "mica")  # + pissa_niter_<N>
 LORA_DTYPES = ("float32", "bfloat16")  # storage (and optimizer-state) dtype of the LoRA adapter weights
-
-
-class ConfigError(ValueError):
-    """A bad configuration value: the message names the field, the value and the fix."""
-
-
-def config_error(field_name: str, value: Any, fix: str) -> ConfigError:
-    return ConfigError(f"{field_name}={value!r} is invalid: {fix}")
 
 
 @dataclass
@@ -43,16 +40,30 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
+    """A GLUE task; each field left unset (null) takes its value from the task's row of loralab.tasks.TASKS."""
+
     name: str = "sst2"
-    text_fields: list[str] = field(default_factory=lambda: ["sentence"])
-    num_labels: int = 2
-    label_names: list[str] = field(default_factory=list)
-    metrics: list[str] = field(default_factory=lambda: ["accuracy"])
-    main_metric: str = "accuracy"
-    eval_splits: list[str] = field(default_factory=lambda: ["validation"])
-    test_splits: list[str] = field(default_factory=lambda: ["test"])
+    text_fields: Optional[list[str]] = None
+    num_labels: Optional[int] = None
+    label_names: Optional[list[str]] = None
+    metrics: Optional[list[str]] = None
+    main_metric: Optional[str] = None
+    eval_splits: Optional[list[str]] = None
+    test_splits: Optional[list[str]] = None
     epochs: int = 1
     lr: float = 5e-4
+
+    def fill_from_table(self) -> None:
+        row = TASKS.get(self.name)
+        if row is None:
+            return  # validate() names the bad task
+        for key in ("text_fields", "label_names", "metrics", "eval_splits", "test_splits"):
+            if getattr(self, key) is None:
+                setattr(self, key, list(getattr(row, key)))
+        if self.num_labels is None:
+            self.num_labels = row.num_labels
+        if self.main_metric is None:
+            self.main_metric = row.main_metric
 
     @property
     def is_regression(self) -> bool:
@@ -183,15 +194,8 @@ _RESERVED_TRAINER_ARGS = {"logger", "callbacks", "default_root_dir", "enable_che
                           "use_distributed_sampler"}
 
 
-def adapter_folder(path: str | Path) -> Optional[Path]:
-    """The peft adapter folder named by `path`: the folder itself or a run folder's adapter/ (None: neither)."""
-    for folder in (Path(path).expanduser(), Path(path).expanduser() / "adapter"):
-        if (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file():
-            return folder
-    return None
-
-
 def _check_init_from(lora: LoraConfig) -> None:
+    """Value rules only; that the folder holds an adapter is checked in preflight."""
     if lora.init_from is None:
         return
     if lora.method != "lora":
@@ -200,15 +204,12 @@ def _check_init_from(lora: LoraConfig) -> None:
     if lora.init.startswith(("pissa", "olora")):
         raise config_error("lora.init_from", lora.init_from, f"lora.init={lora.init!r} rewrites the base weights "
                            f"around its own A and B; use lora.init=default with lora.init_from")
-    if adapter_folder(lora.init_from) is None:
-        raise config_error("lora.init_from", lora.init_from, "no peft adapter there (adapter_config.json + "
-                           "adapter_model.safetensors, in the folder or its adapter/); pass a finished run's folder, "
-                           "e.g. lora.init_from=runs/mnli/<run_id>, or lora.init_from=null")
 
 
 def validate(cfg: Config) -> Config:
     """Every rule that can be checked without loading a model or data; raises ConfigError."""
     _one_of("task.name", cfg.task.name, GLUE_TASKS)
+    cfg.task.fill_from_table()
     for m in cfg.task.metrics:
         _one_of("task.metrics", m, METRICS)
     if cfg.task.main_metric not in cfg.task.metric_keys():

@@ -1,4 +1,8 @@
-"""The run store: run identity (hash of the semantic config), results.json (atomic), provenance, skip/resume."""
+"""The run store: run identity (hash of the semantic config), the only writer of results.json, run folders, provenance.
+
+A run lives at <store.root>/<task>/<run_id>; a Hydra job folder links to it (`run`). Every file loralab writes goes
+through `atomic_write`, so a reader or a crash never sees half a file.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -11,11 +15,14 @@ import subprocess
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .config import Config, as_dict
+from .errors import RunBusy
 
 RESULTS = "results.json"
+RUN_LINK = "run"  # in each Hydra job folder: a link to the run's folder in the store
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Settings that change where or how a run is recorded, never what it computes: they do not enter the run id.
 NON_SEMANTIC = {
     "store": None, "logger": None,
@@ -25,6 +32,15 @@ NON_SEMANTIC = {
 }
 PACKAGES = ("loralab", "torch", "lightning", "transformers", "peft", "datasets", "torchmetrics", "hydra-core",
             "bitsandbytes", "wandb", "numpy", "tokenizers")
+
+
+def is_semantic(key: str) -> bool:
+    """Whether a dotted config key (`lora.r`, `data.num_workers`) enters the run id, i.e. changes what a run computes."""
+    head, _, rest = key.partition(".")
+    if head not in NON_SEMANTIC:
+        return True
+    fields = NON_SEMANTIC[head]
+    return not (fields is None or rest in fields or rest.split(".")[0] in fields)
 
 
 def semantic_config(cfg: Config) -> dict[str, Any]:
@@ -48,20 +64,103 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.store.root) / cfg.task.name / run_id(cfg)
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Atomic: a reader (or a crash) never sees half a file."""
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
+    """`write(tmp)` fills a temporary sibling of `path` (file or folder), which then replaces `path` in one rename:
+    a reader, a concurrent job or a crash never sees half of it. The tmp name ends in path's own suffix (numpy and
+    safetensors writers keep it)."""
+    import shutil
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def read_results(folder: Path) -> Optional[dict]:
+    """A folder's results.json, or None when it has none (or one that does not parse)."""
     path = Path(folder) / RESULTS
     try:
         return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
         return None
+
+
+def write_results(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """The only writer of results.json (atomic)."""
+    write_json(Path(folder) / RESULTS, data)
+    return data
+
+
+def record_invalid_job(job_dir: Path, error: BaseException, config: dict) -> dict[str, Any]:
+    """A sweep job whose config never became a run (invalid values): its failure is recorded in its job folder."""
+    return write_results(job_dir, {"status": "failed", "run_id": None, "error": f"{type(error).__name__}: {error}",
+                                   "config": config})
+
+
+def mark_failed(folder: Path, reason: str) -> Optional[dict[str, Any]]:
+    """Record a run still marked running as failed (its job died without a word); other states stay."""
+    data = read_results(folder)
+    if data is None or data.get("status") != "running":
+        return None
+    return write_results(folder, {**data, "status": "failed", "error": reason})
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys (`lora.r`); lists as comma-joined text, as summary.csv and W&B show them."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def link_job(job_dir: Path, folder: Path) -> None:
+    """Link a Hydra job folder to its run's folder in the store (summaries and `loralab predict JOB` follow it)."""
+    link = Path(job_dir) / RUN_LINK
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path(folder).resolve(), target_is_directory=True)
+
+
+def run_folder(path: str | Path) -> Optional[Path]:
+    """The run folder `path` names: a store run folder (results.json), its adapter/, or a Hydra job folder that links
+    to one; None when it is none of these."""
+    path = Path(path).expanduser()
+    for cand in (path, path / RUN_LINK, path.parent if path.name == "adapter" else None):
+        if cand is not None and (cand / RESULTS).is_file() and cand.name != ".hydra":
+            return cand
+    return None
+
+
+def adapter_folder(path: str | Path) -> Optional[Path]:
+    """The peft adapter folder named by `path`: the folder itself, a run folder's adapter/, or the adapter of the run
+    a Hydra job folder links to (None: none of these)."""
+    path = Path(path).expanduser()
+    for folder in (path, path / "adapter", path / RUN_LINK / "adapter"):
+        if all((folder / f).is_file() for f in ADAPTER_FILES):
+            return folder
+    return None
 
 
 def versions() -> dict[str, str]:
@@ -88,16 +187,24 @@ def git_commit() -> Optional[str]:
 
 
 def hardware() -> dict[str, Any]:
+    """The machine a run used: CPU (as /proc/cpuinfo names it), cores, GPU and torch build."""
     import torch
 
-    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
-class RunBusy(RuntimeError):
-    """Another live process is training this very run (same config, same store)."""
+def hardware_text(info: Optional[dict[str, Any]] = None) -> str:
+    h = info or hardware()
+    return f"{h['cpu']}, {h['cores']} cores, {('GPU ' + h['gpu']) if h.get('gpu') else 'no GPU'}, torch {h['torch']}"
 
 
 @contextlib.contextmanager
@@ -130,9 +237,7 @@ class RunRecord:
                 "git_commit": git_commit(), "hardware": hardware(), **self.extra}
 
     def _write(self, data: dict[str, Any]) -> dict[str, Any]:
-        if self.writer:
-            write_json(self.folder / RESULTS, data)
-        return data
+        return write_results(self.folder, data) if self.writer else data
 
     def start(self) -> None:
         self._write(self.base("running"))

@@ -26,7 +26,7 @@ class LoralabSweeper(BasicSweeper):
     def sweep(self, arguments: List[str]) -> Any:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        from loralab.summary import failures, write_summary
+        from loralab.sweep.summary import failures, write_summary
 
         params_conf = self._parse_config()
         params_conf.extend(arguments)
@@ -47,7 +47,7 @@ class LoralabSweeper(BasicSweeper):
                 launch_errors.append(str(e))
             job_idx += len(batch)
         rows = write_summary(sweep_dir, mark_unfinished_failed=True)
-        from loralab.tracking import after_sweep
+        from loralab.analysis.wandb_log import after_sweep
 
         after_sweep(sweep_dir, self.config)  # logger=wandb: summary table and plots to the sweep's W&B group
         failed = failures(rows)

@@ -14,9 +14,7 @@ At the end of each worker's search, beside its jobs:
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 import time
 from pathlib import Path
@@ -79,7 +77,8 @@ def write_search_record(sweep_dir: Path, study: Any, config: DictConfig, hydra_c
     import optuna
 
     from loralab.store import read_results
-    from loralab.summary import SUMMARY, to_csv, write_summary
+    from loralab.store import write_json
+    from loralab.sweep.summary import SUMMARY, write_csv, write_summary
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -93,9 +92,7 @@ def write_search_record(sweep_dir: Path, study: Any, config: DictConfig, hydra_c
         row["trial"] = by_folder.get(real)
         row["best"] = best is not None and row["trial"] is not None and folders.get(best.number) is not None \
             and str(folders[best.number]) == real
-    tmp = sweep_dir / f".{SUMMARY}.tmp"
-    tmp.write_text(to_csv(rows))
-    os.replace(tmp, sweep_dir / SUMMARY)
+    write_csv(rows, sweep_dir / SUMMARY)
 
     trials = []
     for t in study.trials:
@@ -104,7 +101,7 @@ def write_search_record(sweep_dir: Path, study: Any, config: DictConfig, hydra_c
                        **{f"param.{k}": v for k, v in t.params.items()},
                        "best": best is not None and t.number == best.number,
                        "run_id": folder.name if folder else None, "path": str(folder) if folder else None})
-    (sweep_dir / "trials.csv").write_text(to_csv(trials))
+    write_csv(trials, sweep_dir / "trials.csv")
 
     record: Dict[str, Any] = {
         "study_name": study.study_name, "directions": [d.name for d in study.directions],
@@ -117,9 +114,7 @@ def write_search_record(sweep_dir: Path, study: Any, config: DictConfig, hydra_c
                           "run_id": folder.name if folder else None, "path": str(folder) if folder else None,
                           "main_metric": (results or {}).get("main_metric"),
                           "config": (results or {}).get("config")}
-    tmp = sweep_dir / ".best_trial.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, sweep_dir / "best_trial.json")
+    write_json(sweep_dir / "best_trial.json", record)
     return record
 
 
@@ -155,7 +150,7 @@ if OptunaSweeper is not None:
                 else:
                     log.warning("no storage/study_name: the study lives in memory only; no trials.csv or "
                                 "best_trial.json (summary.csv is written)")
-                    from loralab.summary import write_summary
+                    from loralab.sweep.summary import write_summary
 
                     write_summary(sweep_dir, mark_unfinished_failed=True)
 

@@ -81,9 +81,9 @@ def record_lost_job(config: DictConfig, hydra_context: Any, overrides: List[str]
     """Write what the job itself would have written had it lived: its run's results.json with status "failed" and
     the reason, and the job folder's link to the run. A run that finished, or failed with its own error, is left
     alone; so is a run whose lock a live process still holds after LOCK_WAIT_S. Returns the job folder."""
-    from loralab.config import ConfigError, to_config
-    from loralab.store import RESULTS, RunBusy, RunRecord, read_results, run_dir, run_lock, write_json
-    from loralab.summary import RUN_LINK
+    from loralab.config import to_config
+    from loralab.errors import ConfigError, RunBusy
+    from loralab.store import RunRecord, link_job, read_results, record_invalid_job, run_dir, run_lock
 
     with _COMPOSING:  # the launcher waits for its jobs in threads; config composition is not thread-safe
         sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
@@ -97,15 +97,11 @@ def record_lost_job(config: DictConfig, hydra_context: Any, overrides: List[str]
     job_dir.mkdir(parents=True, exist_ok=True)
     if cfg is None:  # an invalid combination that never got to say so: record it in the job folder
         raw = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config.keys() if k != "hydra"])
-        write_json(job_dir / RESULTS, {"status": "failed", "run_id": None, "error": f"JobLost: {error}",
-                                       "config": OmegaConf.to_container(raw, resolve=False)})
+        record_invalid_job(job_dir, error, OmegaConf.to_container(raw, resolve=False))
         return job_dir
     folder = run_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    link = job_dir / RUN_LINK
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(folder.resolve(), target_is_directory=True)
+    link_job(job_dir, folder)
     # The scheduler reports a cancelled job at once, but its processes may live on until SIGKILL (SLURM's KillWait,
     # 30 s by default; submitit ignores the SIGTERM before it) and still hold the run's lock: wait for them.
     deadline = time.monotonic() + LOCK_WAIT_S

@@ -1,8 +1,8 @@
 """Post-hoc analysis of LoRA runs: subspace similarity, amplification, results tables and plots."""
 
-from loralab.analysis.subspace import (
+from ..errors import AnalysisError
+from .subspace import (
     Adapter,
-    AnalysisError,
     amplification,
     base_weights,
     compare,

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from loralab.analysis.tables import PARAMS, format_value, is_percent_metric, resolve_metric
+from .tables import PARAMS, format_value, is_percent_metric, resolve_metric
 
 
 def _ticks(n: int, most: int = 5) -> np.ndarray:

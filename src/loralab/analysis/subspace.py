@@ -18,6 +18,8 @@ from typing import Literal
 
 import numpy as np
 
+from ..errors import AnalysisError
+
 Key = tuple[int, str]  # (layer index, module path inside the layer); layer -1 = not in a numbered block
 Side = Literal["A", "B"]
 
@@ -32,10 +34,6 @@ _LORA_KEY = re.compile(
 )
 _LORA_KEY_FLAT = re.compile(r"^(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _BASE_KEY = re.compile(r"^(?:.*?\.)?(?:layers?|h|blocks?)\.(?P<layer>\d+)\.(?P<module>.+)\.weight$")
-
-
-class AnalysisError(Exception):
-    """A user-facing error (bad path, missing files); the CLI prints it without a traceback."""
 
 
 @dataclass
@@ -373,7 +371,7 @@ def resolve_base_dir(adapter: Adapter, base: str | Path | None = None) -> Path:
     if (Path(name) / "model.safetensors").is_file():
         return Path(name)
     try:
-        from loralab.model import resolve_model_path
+        from ..run.weights import resolve_model_path
     except ImportError as exc:
         raise AnalysisError(f"cannot resolve base model '{name}' ({exc}); pass --base PATH.") from exc
     try:

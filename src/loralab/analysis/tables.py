@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from loralab.analysis.subspace import AnalysisError
-from loralab.summary import find_results, flatten  # one results finder and flattener for summaries and tables
+from ..errors import AnalysisError
+from ..store import flatten
+from ..sweep.collect import find_results
 
 MAIN_METRIC = "main_metric.value"
 PARAMS = "trainable_params"
@@ -169,7 +170,7 @@ def _spread(values: pd.Series, kind: str) -> float:
 def _config_sections() -> frozenset[str]:
     from dataclasses import fields
 
-    from loralab.config import Config
+    from ..config import Config
 
     return frozenset(f.name for f in fields(Config))
 
@@ -177,7 +178,7 @@ def _config_sections() -> frozenset[str]:
 def _semantic_key(column: str) -> bool:
     """A config key that changes what a run computes (the run id's keys), not a measured result field
     (memory, timings) nor a store/logger setting."""
-    from loralab.store import NON_SEMANTIC
+    from ..store import NON_SEMANTIC
 
     head, _, rest = column.partition(".")
     if head not in _config_sections():

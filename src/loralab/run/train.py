@@ -10,28 +10,21 @@ from typing import Any, Optional
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import PeakMemory, Throughput, baseline_mb, memory_now_mb, peak_memory_mb, reset_peak_memory
-from .checkpoint_io import SafetensorsCheckpointIO
-from .config import Config, ConfigError, as_dict, to_config
-from .data import GlueDataModule, check_split
-from .ddp import ConfigHandoffDDP, handoff_strategy, is_rank_zero
-from .model import build_model, check_modules, count_params, load_tokenizer, resolve_model_path, save_trained, skeleton
+from ..config import Config, as_dict, to_config
+from ..errors import ConfigError, RunBusy
+from ..lightning.callbacks import PeakMemory, Throughput, baseline_mb, memory_now_mb, peak_memory_mb, reset_peak_memory
+from ..lightning.checkpoint_io import SafetensorsCheckpointIO
+from ..lightning.ddp import ConfigHandoffDDP, handoff_strategy, is_rank_zero
+from ..lightning.precision import resolve_precision
+from ..store import RunRecord, link_job, read_results, record_invalid_job, run_dir, run_id, run_lock, write_json
+from .data import GlueDataModule
+from .model import build_model, count_params, save_trained
 from .module import GlueModule
-from .speed import resolve_precision
-from .store import RESULTS, RunBusy, RunRecord, run_lock, read_results, run_dir, run_id, write_json
-from .summary import RUN_LINK
+from .preflight import preflight
+from .weights import load_tokenizer
 
 log = logging.getLogger("loralab")
 LAST_CKPT = "last.safetensors"
-
-
-def preflight(cfg: Config) -> str:
-    """Everything that can fail cheaply fails here: model source, data splits, module names."""
-    resolved = resolve_model_path(cfg.model.path, cfg.model.revision)
-    for split in ("train", *cfg.task.eval_splits):
-        check_split(cfg.task, split, cfg.data.dir)
-    check_modules(cfg, skeleton(cfg.model, cfg.task.num_labels, resolved))
-    return resolved
 
 
 def make_loggers(cfg: Config, folder: Path) -> list:
@@ -41,7 +34,7 @@ def make_loggers(cfg: Config, folder: Path) -> list:
     if cfg.logger.csv:
         loggers.append(CSVLogger(str(folder), name="logs", version=""))
     if cfg.logger.wandb:
-        from .tracking import wandb_logger
+        from ..lightning.tracking import wandb_logger
 
         loggers.append(wandb_logger(cfg, folder))
     return loggers
@@ -67,7 +60,7 @@ def estimate_fields(cfg: Config, batch: Optional[int] = None, seq_len: Optional[
     """`loralab params`' training-memory estimate for this run (meta device, no weights), for results.json. It counts
     training tensors (weights, gradients, optimizer states, activations) only, not the runtime: train() measures what
     the run added over the process's baseline to compare. An estimate that fails never fails the run."""
-    from .params import memory_estimate_mb
+    from .estimate import memory_estimate_mb
 
     try:
         est = memory_estimate_mb(cfg, batch, seq_len)
@@ -148,15 +141,11 @@ def hydra_job_dir() -> Optional[Path]:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
 
 
-def link_job(folder: Path) -> None:
-    """Inside a Hydra job, link the job folder to the run's folder in the store (summaries follow the link)."""
-    job = hydra_job_dir()
-    if job is None:
-        return
-    link = job / RUN_LINK
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(folder.resolve(), target_is_directory=True)
+def sweeping() -> bool:
+    """Inside a Hydra multirun (its failures are recorded per job and the sweep goes on)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
 
 
 def _container(raw: DictConfig) -> dict:
@@ -173,12 +162,13 @@ def run(raw: DictConfig | Config) -> Optional[float]:
     except ConfigError as e:
         job = hydra_job_dir()
         if job is not None:  # a sweep's invalid combination is recorded like any other failure
-            write_json(job / RESULTS, {"status": "failed", "run_id": None, "error": f"ConfigError: {e}",
-                                       "config": _container(raw)})
+            record_invalid_job(job, e, _container(raw))
         raise
     folder = run_dir(cfg)
     started_at = time.time()
-    link_job(folder)
+    job = hydra_job_dir()
+    if job is not None:
+        link_job(job, folder)
     done = read_results(folder)
     if cfg.store.skip_finished and done and done.get("status") == "finished":
         log.info("skip %s: already finished (%s=%s)", folder, cfg.task.main_metric, done["main_metric"]["value"])
@@ -195,7 +185,7 @@ def run(raw: DictConfig | Config) -> Optional[float]:
                 return None
             data = record.finish(**fields, job_started_at=started_at)
         if cfg.logger.wandb:
-            from .tracking import log_summary
+            from ..lightning.tracking import log_summary
 
             log_summary(data)
     except RunBusy:
@@ -204,7 +194,7 @@ def run(raw: DictConfig | Config) -> Optional[float]:
         record.fail(e)
         raise
     finally:
-        from .tracking import finish
+        from ..lightning.tracking import finish
 
         finish()
     main = data["main_metric"]

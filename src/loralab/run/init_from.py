@@ -13,7 +13,9 @@ import logging
 import torch
 from torch import nn
 
-from .config import Config, ConfigError, adapter_folder
+from ..config import Config
+from ..errors import ConfigError
+from ..store import adapter_folder
 
 log = logging.getLogger("loralab")
 

@@ -1,4 +1,4 @@
-"""`loralab reproduce`: the runs, tables and figures of REPRODUCTION.md, made with the project's own commands.
+"""REPRODUCTION.md's runs, tables and figures, made with the project's own commands (`loralab reproduce`).
 
 Each part is one or more `train.py -m` sweeps over conf/experiment/repro_minilm.yaml (content-addressed run
 folders under runs/reproduction/<store>/, so a rerun skips finished runs and resumes interrupted ones) followed
@@ -8,18 +8,18 @@ the prose around them is never touched.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import CONF_DIR, ConfigError
+from ..config import CONF_DIR
+from ..errors import ConfigError
+from ..store import hardware_text
 
 EXPERIMENT = "+experiment=repro_minilm"
 TASKS = "sst2,mrpc,cola,rte,stsb"
@@ -44,7 +44,7 @@ class Sweep:
 
     def jobs(self) -> list[list[str]]:
         """The overrides of every job of this sweep (Hydra's own parser expands the values)."""
-        from .commands import sweep_values
+        from ..sweep.grid import sweep_values
 
         keys = list(self.axes)
         grids = [[f"{k}={_as_override(v)}" for v in sweep_values(k, self.axes[k])] for k in keys]
@@ -136,15 +136,15 @@ def run_sweep(sweep: Sweep, paths: Paths) -> None:
 
 def run_dir(paths: Paths, store: str, overrides: list[str]) -> Path:
     """The content-addressed folder of the run these overrides describe (the same id train.py computes)."""
-    from .config import compose
-    from .store import run_dir as store_run_dir
+    from ..config import compose
+    from ..store import run_dir as store_run_dir
 
     return store_run_dir(compose([*overrides, *paths.extra, f"store.root={paths.store(store)}"]))
 
 
 def loralab(*argv: str) -> None:
     """Run a `loralab` command in-process; a non-zero exit stops the reproduction."""
-    from .cli import main
+    from ..cli import main
 
     print("$ loralab " + " ".join(argv), flush=True)
     code = main(list(argv))
@@ -237,26 +237,13 @@ def part_compute(part: Part, paths: Paths) -> dict:
     return {"runs": runs, "compute_s": round(seconds)}
 
 
-def hardware() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
-
-
 def block(name: str, body: str, compute: dict, paths: Paths) -> str:
     part = PARTS[name]
     cmds = "\n".join(" ".join(["python train.py -m", *s.overrides(), *paths.extra, f"store.root={paths.store(s.store)}"])
                      for s in part.sweeps)
     runs = compute["runs"]
     return (f"<!-- reproduce:{name} -->\n_{part.title}. {runs} run{'' if runs == 1 else 's'} trained, "
-            f"{compute['compute_s'] / 60:.1f} min of compute on {hardware()}. Regenerate this block: "
+            f"{compute['compute_s'] / 60:.1f} min of compute on {hardware_text()}. Regenerate this block: "
             f"`loralab reproduce --only {name}`, which runs:_\n\n```\n{cmds}\n```\n\n{body}\n"
             f"<!-- /reproduce:{name} -->")
 
@@ -289,35 +276,3 @@ def reproduce(names: list[str], paths: Paths, analysis_only: bool = False) -> No
         write_atomic(paths.report, splice(report, name, block(name, body, compute, paths)))
         print(f"{name}: {compute['runs']} run(s) trained ({compute['compute_s'] / 60:.1f} min of compute); this call "
               f"{(time.time() - start) / 60:.1f} min -> {paths.report}", flush=True)
-
-
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    names = args.only.split(",") if args.only else list(PARTS)
-    unknown = [n for n in names if n not in PARTS]
-    if unknown:
-        raise ConfigError(f"--only: unknown part(s) {unknown}; choose from {', '.join(PARTS)} (comma-separated)")
-    if not args.analysis_only and not (REPO / "train.py").exists():
-        raise ConfigError(f"train.py not found in {REPO}; run `loralab reproduce` from a loralab checkout")
-    paths = Paths(Path(args.root), Path(args.docs), Path(args.report), tuple(args.set))
-    if args.dry_run:
-        for name in names:
-            for sweep in PARTS[name].sweeps:
-                print(f"# {name}/{sweep.name}: {len(sweep.jobs())} runs")
-                print(" ".join(train_command(sweep, paths)[1:]))
-        return 0
-    reproduce(names, paths, args.analysis_only)
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("reproduce", help="run REPRODUCTION.md's sweeps and analyses and rewrite its tables")
-    p.add_argument("--only", help=f"comma-separated parts (default: all of {', '.join(PARTS)})")
-    p.add_argument("--root", default="runs/reproduction", help="run stores (default: %(default)s)")
-    p.add_argument("--docs", default="docs/reproduction", help="tables and figures (default: %(default)s)")
-    p.add_argument("--report", default="REPRODUCTION.md", help="report whose blocks are rewritten (default: %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a Hydra override added to every run, e.g. --set trainer.max_epochs=1 for a quick pass "
-                        "(changes the run ids: these runs never mix with the full ones)")
-    p.add_argument("--analysis-only", action="store_true", help="skip training; rebuild tables from finished runs")
-    p.add_argument("--dry-run", action="store_true", help="print the sweeps and their run counts; run nothing")
-    p.set_defaults(func=cmd_reproduce)

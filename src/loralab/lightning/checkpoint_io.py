@@ -5,7 +5,6 @@ No pickle is ever written or read, so a checkpoint from elsewhere cannot run cod
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,8 @@ import torch
 from lightning.pytorch.plugins.io import CheckpointIO
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ..store import atomic_write
 
 _META_KEY = "loralab.checkpoint"
 
@@ -53,11 +54,8 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def save_checkpoint_file(checkpoint: dict, path: str | Path) -> None:
     tensors: dict[str, torch.Tensor] = {}
     meta = json.dumps(_encode(checkpoint, tensors))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={_META_KEY: meta})
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated "last" checkpoint
+    # atomic: a crash mid-write never leaves a truncated "last" checkpoint
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={_META_KEY: meta}))
 
 
 def load_checkpoint_file(path: str | Path) -> dict:

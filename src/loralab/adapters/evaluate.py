@@ -6,7 +6,6 @@ subsample as in training (data.val_limit, seeded with the run's seed).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -15,12 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError
-from .hub import hub_reachable
+from ..errors import ConfigError
+from ..run.data import encode_split, subsample
+from ..run.weights import hub_reachable
+from .loader import ModelBank, pick_device, resolve_source
+from .predict import predict_encoded
 
 log = logging.getLogger("loralab")
 LOCAL_METRIC = Path(__file__).parent / "metrics_glue" / "glue_offline.py"
-# evaluate's glue output names -> loralab's metric names (config.METRICS)
+# evaluate's glue output names -> loralab's metric names (tasks.METRICS)
 METRIC_NAMES = {"matthews_correlation": "matthews", "spearmanr": "spearman", "accuracy": "accuracy", "f1": "f1",
                 "pearson": "pearson"}
 
@@ -46,9 +48,6 @@ def glue_scores(task: str, pred: np.ndarray, label: np.ndarray, metric: Any = No
 
 def evaluate_run(run: str | Path, batch_size: int | None = None, device: str = "auto") -> dict[str, Any]:
     """Re-score a run's adapter on its dev split(s); compare with results.json (the adapter is the final state)."""
-    from .data import encode_split, subsample
-    from .predict import ModelBank, pick_device, predict_encoded, resolve_source
-
     src = resolve_source(run)
     if src.results is None:
         raise ConfigError(f"RUN={str(run)!r} is a bare adapter: evaluate needs a run folder (results.json) to compare "
@@ -72,21 +71,3 @@ def evaluate_run(run: str | Path, batch_size: int | None = None, device: str = "
             "val_limit": cfg.data.val_limit, "seed": cfg.seed, "device": str(bank.device), "evaluate": scores,
             "results_final": final, "results_best": recorded.get("best"), "abs_diff": diffs,
             "max_abs_diff": max(diffs.values()) if diffs else None}
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .predict import _quiet_transformers
-
-    _quiet_transformers()
-    report = evaluate_run(args.run, args.batch_size, args.device)
-    out = Path(args.out) if args.out else Path(report["run"]) / "evaluation.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"{report['task']} dev ({', '.join(f'{s}: {n} rows' for s, n in report['rows'].items())}, "
-          f"metric {report['metric_source']})")
-    for k, v in report["evaluate"].items():
-        rec = report["results_final"].get(k)
-        print(f"  {k:<22} evaluate {v:.6f}   results.json {rec if rec is None else f'{rec:.6f}'}")
-    if report["max_abs_diff"] is not None:
-        print(f"max |evaluate - results.json| = {report['max_abs_diff']:.2e}  -> {out}")
-    return 0

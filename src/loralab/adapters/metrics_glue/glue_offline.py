@@ -10,8 +10,10 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
-ACCURACY_ONLY = ("sst2", "mnli", "mnli_matched", "mnli_mismatched", "qnli", "rte", "wnli", "hans")
-CONFIGS = ("cola", "stsb", "mrpc", "qqp") + ACCURACY_ONLY
+from loralab.tasks import TASKS
+
+# The hub metric's configs: every GLUE task, MNLI's two dev sets by name, and HANS.
+CONFIGS = (*TASKS, "mnli_matched", "mnli_mismatched", "hans")
 
 _DESCRIPTION = "GLUE benchmark metrics (offline copy of the outputs of the hub's `glue` metric)."
 _KWARGS_DESCRIPTION = """
@@ -41,6 +43,6 @@ class GlueOffline(evaluate.Metric):
             return {"pearson": float(pearsonr(predictions, references)[0]),
                     "spearmanr": float(spearmanr(predictions, references)[0])}
         accuracy = float((predictions == references).mean())
-        if name in ("mrpc", "qqp"):
+        if name in TASKS and "f1" in TASKS[name].metrics:
             return {"accuracy": accuracy, "f1": float(f1_score(y_true=references, y_pred=predictions))}
         return {"accuracy": accuracy}

@@ -2,12 +2,12 @@
 
 Lightning's default DDP launcher starts the other ranks by re-running `sys.argv`. Inside a Hydra multirun that
 makes every extra rank run the whole sweep, and with a search sweeper the ranks train different hyperparameters
-(FACTS.md). Here the launcher writes nothing new: it starts `python -m loralab.ddp_worker <run>/config.json`, the
-exact config rank 0 trains. Launchers that start one process per rank themselves (SLURM tasks_per_node) bypass it.
+(FACTS.md). Here the launcher writes nothing new: it starts `python -m loralab.cli.ddp_worker <run>/config.json`, the
+exact config rank 0 trains (`loralab.cli.ddp_worker`). Launchers that start one process per rank themselves (SLURM
+tasks_per_node) bypass it.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +16,8 @@ from pathlib import Path
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies import DDPStrategy
 
-from .config import Config, as_dict
+from ..config import Config, as_dict
+from ..store import write_json
 
 CONFIG_FILE = "config.json"
 _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -41,7 +42,7 @@ class ConfigHandoffLauncher(_SubprocessScriptLauncher):
                           WORLD_SIZE=str(self.num_processes * self.num_nodes))
         for local_rank in range(1, self.num_processes):
             child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
-            cmd = [sys.executable, "-m", "loralab.ddp_worker", str(self.config_file)]
+            cmd = [sys.executable, "-m", "loralab.cli.ddp_worker", str(self.config_file)]
             self.procs.append(subprocess.Popen(cmd, env=child_env, cwd=os.getcwd()))
 
 
@@ -78,19 +79,5 @@ def handoff_strategy(strategy, cfg: Config, folder: Path):
         return strategy
     path = folder / CONFIG_FILE
     if is_rank_zero():
-        from .store import write_json
-
         write_json(path, as_dict(cfg))
     return ConfigHandoffDDP(path, find_unused_parameters=strategy.endswith("find_unused_parameters_true"))
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .config import to_config
-    from .train import run
-
-    path = Path((argv or sys.argv[1:])[0])
-    run(to_config(json.loads(path.read_text())))
-
-
-if __name__ == "__main__":
-    main()

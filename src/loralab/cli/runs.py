@@ -6,12 +6,12 @@ from pathlib import Path
 
 import yaml
 
-from .config import CONF_DIR, ConfigError
+from ..errors import ConfigError
+from ..sweep.grid import named_sweep, wandb_sweep_spec
+from ..sweep.summary import failures, write_summary
 
 
 def collect(args: argparse.Namespace) -> int:
-    from .summary import failures, write_summary
-
     root = Path(args.dir)
     if not root.is_dir():
         raise ConfigError(f"DIR={args.dir!r} is not a folder: pass a sweep folder (multirun/...) or a run store (runs/)")
@@ -23,33 +23,9 @@ def collect(args: argparse.Namespace) -> int:
     return 0
 
 
-def sweep_values(key: str, value: str) -> list:
-    """Expand a Hydra sweep value (`1,2,4`, `range(1,5)`, `choice(a,b)`) with Hydra's own parser."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    override = OverridesParser.create().parse_override(f"{key}={value}")
-    if not override.is_sweep_override():
-        return [override.value()]
-    return [v for v in override.sweep_iterator()]
-
-
 def wandb_sweep(args: argparse.Namespace) -> int:
-    path = Path(args.sweep)
-    if not path.exists():
-        path = CONF_DIR / "sweep" / f"{args.sweep}.yaml"
-    if not path.exists():
-        raise ConfigError(f"SWEEP={args.sweep!r} is neither a file nor a named sweep in sweeps/: "
-                          f"use e.g. sweeps/rank.yaml or one of {sorted(p.stem for p in (CONF_DIR / 'sweep').glob('*.yaml'))}")
-    doc = yaml.safe_load(path.read_text()) or {}
-    params = ((doc.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
-    fixed = [f"{k}={v}" for k, v in doc.items() if k not in ("hydra", "defaults")]
-    spec = {
-        "program": "train.py", "method": "grid", "name": path.stem,
-        "metric": {"name": "val/best_" + args.metric, "goal": "maximize"},
-        "parameters": {k: {"values": sweep_values(k, str(v))} for k, v in params.items()},
-        "command": ["${env}", "${interpreter}", "${program}", *fixed, *args.overrides, "${args_no_hyphens}",
-                    "logger=wandb"],
-    }
+    path = named_sweep(args.sweep)
+    spec = wandb_sweep_spec(path, list(args.overrides), args.metric)
     out = Path(args.out or f"wandb-{path.stem}.yaml")
     out.write_text(yaml.safe_dump(spec, sort_keys=False))
     print(f"wrote {out}: run `wandb sweep {out}` then `wandb agent <sweep id>`")

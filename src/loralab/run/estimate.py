@@ -1,4 +1,4 @@
-"""`loralab params`: exact parameter counts, adapter size and a training-memory estimate, from dimensions alone.
+"""Exact parameter counts, adapter size and a training-memory estimate, from dimensions alone (`loralab params`).
 
 The model is built on the meta device from loralab/model_configs/<arch>.json (no weights, no network) and the adapter
 is applied there by peft itself, so the counts are peft's own. Memory estimate, in bytes:
@@ -44,8 +44,6 @@ beside what it measured (results.json: `memory_estimate`, `estimated_peak_memory
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import re
 from dataclasses import replace
@@ -54,8 +52,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Config, compose
-from .model import _is_head, cast_adapter, check_modules, count_params, mark_trainable, peft_config, skeleton
+from ..config import Config
+from ..lightning.precision import resolve_precision
+from .model import _is_head, cast_adapter, count_params, mark_trainable, peft_config
+from .preflight import check_modules
+from .weights import skeleton
 
 QUANT_MODES = ("fp32", "bf16", "int8", "nf4")
 BNB_4BIT_BLOCK = 64       # bitsandbytes 4-bit blocksize (weights per absmax)
@@ -166,8 +167,6 @@ def optimizer_bytes(model: nn.Module, name: str) -> int:
 
 
 def resolved_precision(cfg: Config) -> str:
-    from .speed import resolve_precision
-
     precision, acc = cfg.trainer.get("precision"), str(cfg.trainer.get("accelerator", "auto"))
     if precision in (None, "auto") and acc in ("gpu", "cuda"):
         return "bf16-mixed"  # what `auto` picks on any bf16-capable GPU, whether or not this machine has one
@@ -282,76 +281,6 @@ def estimate(cfg: Config, batch: int | None = None, seq_len: int | None = None) 
         "memory": {**memory, "weights_mode": mode, "weights_by_mode": weights, "optimizer_name": cfg.optim.name,
                    "activations": acts},
     }
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def format_table(est: dict[str, Any]) -> str:
-    p, mem, acts, lora = est["params"], est["memory"], est["memory"]["activations"], est["lora"]
-    title = f"{est['model']} ({est['arch']}), method={est['method']}"
-    if lora:
-        title += f", r={lora['r']} alpha={lora['alpha']} targets={','.join(lora['target_modules'])}"
-        title += "".join(f" {k}" for k in ("use_dora", "use_rslora") if lora[k])
-    per_layer = set(p["lora_per_layer"].values())
-    lora_note = (f"  ({per_layer.pop():,} per adapted layer, {len(p['lora_per_layer'])} layers)"
-                 if len(per_layer) == 1 else "")
-    adapter = est["adapter_bytes"]
-    rows = [title, ""]
-    rows.append(f"  trainable parameters   {p['trainable']:>16,}  ({p['trainable_pct']:.4f}% of {p['total']:,}; "
-                f"base model {p['base_total']:,})")
-    rows.append(f"  LoRA parameters        {p['lora']:>16,}{lora_note}")
-    rows.append(f"  head / other trainable {p['head']:>16,}")
-    rows.append(f"  adapter size           {_fmt_bytes(adapter['fp32']):>16} fp32, {_fmt_bytes(adapter['bf16'])} bf16 "
-                f"(LoRA only: {_fmt_bytes(adapter['lora_only_fp32'])} fp32)")
-    rows.append("")
-    rows.append(f"  training memory (micro-batch {acts['batch_size']}, length {acts['seq_len']}, {acts['precision']}, "
-                f"{'fused' if acts['fused_attention'] else 'eager'} attention)")
-    for mode, value in mem["weights_by_mode"].items():
-        mark = "  <- this config" if mode == mem["weights_mode"] else ""
-        rows.append(f"    weights {mode:<14} {_fmt_bytes(value):>16}{mark}")
-    rows.append(f"    gradients              {_fmt_bytes(mem['gradients']):>16}")
-    rows.append(f"    optimizer {mem['optimizer_name']:<14} {_fmt_bytes(mem['optimizer']):>16}")
-    if acts["gradient_checkpointing"]:
-        rows.append(f"    activations            {_fmt_bytes(acts['kept']):>16}  (gradient checkpointing on; "
-                    f"{_fmt_bytes(acts['total'])} without)")
-        rows.append(f"    total                  {_fmt_bytes(mem['total']):>16}")
-    else:
-        rows.append(f"    activations            {_fmt_bytes(acts['total']):>16}"
-                    f"  ({_fmt_bytes(acts['checkpointed'])} with gradient checkpointing)")
-        rows.append(f"    total                  {_fmt_bytes(mem['total']):>16}"
-                    f"  ({_fmt_bytes(mem['total_checkpointed'])} with gradient checkpointing)")
-    return "\n".join(rows)
-
-
-def command(args: argparse.Namespace) -> int:
-    import warnings
-
-    overrides = [o for o in args.overrides if o != "--json"]
-    with warnings.catch_warnings():  # transformers' deprecation chatter while building the skeleton
-        warnings.simplefilter("ignore", FutureWarning)
-        est = estimate(compose(overrides))
-    if args.json or "--json" in args.overrides:
-        print(json.dumps(est, indent=2))
-    else:
-        print(format_table(est))
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("params", help="parameter counts, adapter size and training-memory estimate "
-                                             "(no weights, no network)",
-                              description="Build the model from its dimensions on the meta device, apply the adapter "
-                                          "and report parameters and memory. Overrides are Hydra-style, e.g. "
-                                          "`loralab params model=roberta-base lora.r=8 'lora.target_modules=[query,value]'`.")
-    p.add_argument("--json", action="store_true", help="print the full estimate as JSON")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides (model=..., lora.r=..., quant=...)")
-    p.set_defaults(func=command)
 
 
 def memory_estimate_mb(cfg: Config, batch: int | None = None, seq_len: int | None = None) -> dict[str, Any]:

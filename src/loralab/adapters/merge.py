@@ -1,4 +1,4 @@
-"""`loralab merge RUN OUT`: fold a trained adapter into its base model and save a standalone transformers model.
+"""Fold a trained adapter into its base model and save a standalone transformers model (`loralab merge RUN OUT`).
 
 LoRA: W + (alpha/r) B A via peft's `merge_and_unload` (PiSSA/OLoRA runs were saved as plain LoRA deltas against the
 original base, so they merge the same way). Head-only and BitFit runs: the trained tensors are loaded into the base.
@@ -8,7 +8,6 @@ the quantization error, not by the adapter).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from dataclasses import replace
@@ -17,14 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..run.weights import RANDOM_MARKER, load_tokenizer, resolve_model_path
+from .loader import load_base, load_standalone, resolve_source
+
 MERGE_INFO = "loralab_merge.json"
 
 
 def merged_model(source: str | Path, task: str | None = None) -> tuple[nn.Module, object, dict]:
     """(merged classifier in eval mode, tokenizer, provenance) for a run folder or a bare peft adapter folder."""
-    from .model import load_tokenizer, resolve_model_path
-    from .predict import load_base, load_standalone, resolve_source
-
     src = resolve_source(source, task)
     cfg = replace(src.cfg, quant=replace(src.cfg.quant, mode="none"))
     tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model.path, cfg.model.revision))
@@ -45,8 +44,6 @@ def merged_model(source: str | Path, task: str | None = None) -> tuple[nn.Module
 def merge_adapter(run_or_adapter: str | Path, out: str | Path, task: str | None = None) -> Path:
     """Write the merged model (safetensors + config + tokenizer) to `out`; it loads with
     `AutoModelForSequenceClassification.from_pretrained(out)`, no peft needed."""
-    from .model import RANDOM_MARKER, resolve_model_path
-
     model, tokenizer, info = merged_model(run_or_adapter, task)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,20 +54,3 @@ def merge_adapter(run_or_adapter: str | Path, out: str | Path, task: str | None 
         shutil.copy(base / RANDOM_MARKER, out / RANDOM_MARKER)
     (out / MERGE_INFO).write_text(json.dumps(info, indent=2))
     return out
-
-
-def command(args: argparse.Namespace) -> int:
-    out = merge_adapter(args.source, args.out, args.task)
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"merged {args.source} -> {out} ({size / 2**20:.1f} MiB of weights)")
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("merge", help="merge a run's adapter into its base and save a standalone model",
-                              description="Fold a trained adapter (a run folder or a peft adapter folder) into its "
-                                          "base model; the result loads with transformers alone.")
-    p.add_argument("source", help="run folder (results.json + adapter/) or peft adapter folder")
-    p.add_argument("out", help="output folder for the merged model")
-    p.add_argument("--task", default=None, help="GLUE task of a bare adapter folder (run folders know theirs)")
-    p.set_defaults(func=command)

@@ -8,14 +8,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from .config import Config
+from ..config import Config
+from ..errors import DivergedError
 from .metrics import predictions, task_metrics
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-class DivergedError(RuntimeError):
-    """Training loss became NaN/inf or exploded; the run stops early and is recorded as failed."""
 
 
 class GlueModule(L.LightningModule):

@@ -6,7 +6,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import Accuracy, BinaryF1Score, MatthewsCorrCoef
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
-from .config import TaskConfig
+from ..config import TaskConfig
 
 
 def metric(name: str, num_labels: int):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loralab.analysis.subspace import AnalysisError
+from ..errors import AnalysisError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -103,7 +103,7 @@ def _to_wandb(
     """Log `frames` and `images` to W&B when --wandb was given; 1 (after a message) when W&B fails."""
     if not args.wandb:
         return 0
-    from loralab.tracking import log_analysis
+    from ..analysis.wandb_log import log_analysis
 
     group = args.wandb_group or default_group
     try:
@@ -151,7 +151,7 @@ def _out_dir(value: str) -> Path:
 
 def cmd_similarity(args: argparse.Namespace) -> int:
     """Write phi grids (JSON) and heatmaps (PNG) for two adapters; print a summary."""
-    from loralab.analysis import subspace
+    from ..analysis import subspace
 
     a1 = subspace.load_adapter(args.a, "A")
     a2 = subspace.load_adapter(args.b, "B")
@@ -223,7 +223,7 @@ def _rank(sims: dict, axis: int) -> str:
 
 def _similarity_pngs(sims: dict, out: Path, side: str) -> list[Path]:
     """One figure per module: a panel per layer plus the random baseline of the first layer."""
-    from loralab.analysis import plots
+    from ..analysis import plots
 
     by_module: dict[str, list] = {}
     for (lay, mod), s in sims.items():
@@ -250,7 +250,7 @@ def _similarity_pngs(sims: dict, out: Path, side: str) -> list[Path]:
 
 def cmd_amplification(args: argparse.Namespace) -> int:
     """Print and write the Table 7 columns for every adapted module of RUN."""
-    from loralab.analysis import subspace
+    from ..analysis import subspace
 
     adapter = subspace.load_adapter(args.run, "RUN")
     keys = subspace.select(adapter.pairs, args.module, args.layer)
@@ -316,7 +316,7 @@ def cmd_amplification(args: argparse.Namespace) -> int:
 
 def cmd_table(args: argparse.Namespace) -> int:
     """Write PREFIX.md/.tex/.csv from every finished results.json under DIR and print the markdown."""
-    from loralab.analysis import tables
+    from ..analysis import tables
 
     data = tables.collect(args.dir, "DIR")
     if data.skipped:
@@ -370,6 +370,6 @@ def _split(value: str) -> list[str]:
 
 
 def _table_plots(df: pd.DataFrame, args: argparse.Namespace) -> dict[str, Path]:
-    from loralab.analysis import plots
+    from ..analysis import plots
 
     return {f"{k}_png": p for k, p in plots.trade_off_plots(df, args.out, args.metric).items()}

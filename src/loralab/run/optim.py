@@ -1,4 +1,4 @@
-"""Optimizers (AdamW, bitsandbytes 8-bit, LoRA+) and the paper's linear warmup/decay schedule."""
+"""Optimizers (AdamW, bitsandbytes 8-bit, LoRA+) and the paper's linear warmup/decay schedule (transformers')."""
 from __future__ import annotations
 
 import warnings
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from .config import Config
+from ..config import Config
 
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -49,12 +49,7 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def linear_warmup(optimizer: torch.optim.Optimizer, warmup_ratio: float, total_steps: int) -> LambdaLR:
-    """Linear warmup over `warmup_ratio` of the steps, then linear decay to zero (as in the LoRA paper)."""
-    warmup = int(warmup_ratio * total_steps)
+    """Linear warmup over `warmup_ratio` of the steps, then linear decay to zero (the LoRA paper's schedule)."""
+    from transformers import get_linear_schedule_with_warmup
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return LambdaLR(optimizer, factor)
+    return get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), total_steps)

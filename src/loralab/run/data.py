@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -13,8 +12,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import ConfigError, DataConfig, TaskConfig
-from .hub import hub_reachable, offline_reason
+from ..config import DataConfig, TaskConfig
+from ..errors import ConfigError
+from ..store import atomic_write
+from .weights import hub_reachable, offline_reason
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -102,11 +103,8 @@ def encode_split(tokenizer, task: TaskConfig, split: str, cfg: DataConfig) -> En
     labels = np.asarray(table.column("label").to_numpy(), dtype=np.float32 if task.is_regression else np.int64)
     idx = np.asarray(table.column("idx").to_numpy(), dtype=np.int64)
     out = Encoded(ids, types, offsets, labels, idx)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
     arrays = dict(ids=ids, offsets=offsets, labels=labels, idx=idx, **({"types": types} if types is not None else {}))
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # atomic: concurrent jobs of a sweep never read a half-written cache
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))  # concurrent jobs of a sweep never read half a cache
     return out
 
 
