@@ -61,7 +61,8 @@ def wandb_sweep(tmp_path_factory: pytest.TempPathFactory, token_cache: Path) -> 
 
 
 def cli(fixture: dict[str, Any], *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "loralab.cli", *args], cwd=fixture["tmp"], env=fixture["env"],
+    loralab = Path(sys.executable).with_name("loralab")  # the installed command
+    proc = subprocess.run([str(loralab), *args], cwd=fixture["tmp"], env=fixture["env"],
                           capture_output=True, text=True, timeout=600, check=False)
     fixture["outputs"] += [proc.stdout, proc.stderr]
     return proc

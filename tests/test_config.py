@@ -209,6 +209,50 @@ def test_cli_bad_value_exits_nonzero_naming_the_field(tmp_path: Path) -> None:
            f"hydra.run.dir={tmp_path / 'hydra'}"]
     out = subprocess.run(cmd, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "HYDRA_FULL_ERROR": "0"})
-    assert out.returncode != 0
-    assert "lora.r=0" in out.stdout + out.stderr
+    assert out.returncode == 2
+    # The message alone: no traceback, no Hydra HYDRA_FULL_ERROR hint.
+    assert out.stderr.strip().splitlines() == ["train.py: error: lora.r=0 is invalid: it must be a number > 0"]
+    assert "Traceback" not in out.stdout + out.stderr and "HYDRA_FULL_ERROR" not in out.stdout + out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_max_length_beyond_the_model_positions_is_refused(compose_cfg: Compose, no_loading: None) -> None:
+    cfg = compose_cfg(["task=rte", "data.max_length=100000"])
+    with pytest.raises(ConfigError, match=r"data.max_length=100000 .*512 positions.*data.max_length<=512"):
+        loralab.run.train.preflight(cfg)
+    loralab.run.train.preflight(compose_cfg(["task=rte", "data.max_length=512"]))  # the limit itself is fine
+
+
+def test_schema_defaults_are_the_default_composition() -> None:
+    """One set of defaults: the typed schema's own defaults equal what conf/ composes (environment-set paths and
+    the Lightning arguments aside)."""
+    from loralab.config import as_dict, validate
+    from loralab.store import flatten
+
+    schema, composed = flatten(as_dict(validate(Config()))), flatten(as_dict(compose([])))
+    differ = {k for k in set(schema) | set(composed) if schema.get(k) != composed.get(k)}
+    assert {k for k in differ if not k.startswith(("trainer", "data.dir", "data.cache_dir", "store.root"))} == set()
+
+
+@pytest.mark.parametrize("task", sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml")))
+def test_task_config_takes_its_facts_from_the_task_table(task: str) -> None:
+    from loralab.tasks import TASKS
+
+    cfg, row = compose([f"task={task}"]).task, TASKS[task]
+    assert cfg.text_fields == list(row.text_fields) and cfg.num_labels == row.num_labels
+    assert cfg.main_metric == row.main_metric and cfg.eval_splits == list(row.eval_splits)
+    assert compose([f"task={task}", "task.num_labels=7"]).task.num_labels == 7  # an override still wins
+
+
+def test_trainer_group_mirrors_lightning_trainer_arguments() -> None:
+    """conf/trainer/default.yaml lists every lightning.Trainer argument (so each is overridable without `+`) and
+    nothing else; a Lightning upgrade that adds or drops one fails here instead of drifting."""
+    import inspect
+
+    import lightning
+
+    from loralab.config import _RESERVED_TRAINER_ARGS
+
+    keys = set(yaml.safe_load((CONF_DIR / "trainer" / "default.yaml").read_text()))
+    args = set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"} - _RESERVED_TRAINER_ARGS
+    assert keys == args

@@ -181,11 +181,14 @@ def test_init_from_reports_copied_and_skipped_heads(compose_cfg: Compose, source
 
 
 def test_init_from_a_bad_path_names_the_field(compose_cfg: Compose, tmp_path: Path) -> None:
+    """The folder is checked in preflight, before any weights load."""
+    from loralab.run.preflight import preflight
+
     with pytest.raises(ConfigError, match=r"lora\.init_from=.*no peft adapter.*lora\.init_from=null"):
-        compose_cfg([f"lora.init_from={tmp_path / 'nowhere'}"])
+        preflight(compose_cfg([f"lora.init_from={tmp_path / 'nowhere'}"]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"lora\.init_from="):
-        compose_cfg([f"lora.init_from={tmp_path / 'empty'}"])
+        preflight(compose_cfg([f"lora.init_from={tmp_path / 'empty'}"]))
 
 
 def test_init_from_needs_a_lora_run(compose_cfg: Compose, source_run: Path) -> None:

@@ -121,6 +121,21 @@ def test_test_split_predictions_and_leaderboard_zip(runs, tmp_path):
     assert "RTE.tsv" in missing and "WNLI.tsv" not in missing and "STS-B.tsv" not in missing
 
 
+def test_a_hydra_job_folder_loads_the_run_it_links(runs, tmp_path):
+    """`loralab predict <job folder>`: the job folder links its run in the store; every loader follows the link."""
+    from loralab.analysis.adapter_weights import adapter_dir
+    from loralab.store import link_job
+
+    job = tmp_path / "multirun" / "2026-12-04" / "0"
+    link_job(job, runs["wnli"])
+    source = resolve_source(job)
+    assert source.path == runs["wnli"] and source.results["status"] == "finished"
+    assert adapter_dir(job) == runs["wnli"] / "adapter"
+    (p,) = predict([job], split="validation", out=tmp_path / "job", device="cpu")
+    (q,) = predict([runs["wnli"]], split="validation", out=tmp_path / "run", device="cpu")
+    assert p.csv_path.read_text() == q.csv_path.read_text()
+
+
 def test_test_split_refuses_two_sources_for_one_task(runs, tmp_path):
     with pytest.raises(ConfigError, match="one per task"):
         predict([runs["wnli"], runs["wnli"] / "adapter"], split="test", out=tmp_path)

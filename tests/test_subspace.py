@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -14,8 +13,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from loralab.analysis import subspace
-from loralab.cli import analysis as commands
+from loralab.analysis import adapter_weights, subspace
 from loralab.analysis.subspace import (
     amplification,
     phi,
@@ -24,6 +22,9 @@ from loralab.analysis.subspace import (
     projection_distance,
     subspace_basis,
 )
+from loralab.cli import main
+from loralab.run.names import split_layer
+from loralab.store import link_job
 
 
 def orthonormal(d: int, seed: int = 0) -> np.ndarray:
@@ -189,32 +190,37 @@ def write_base(folder: Path, d: int = 16, layers: int = 2, seed: int = 0) -> Pat
     return folder
 
 
-def cli() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loralab")
-    commands.register(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
 def run_cli(*argv: str) -> int:
-    args = cli().parse_args(list(argv))
-    return args.func(args)
+    return main(list(argv))
+
+
+def test_split_layer_of_each_model_family() -> None:
+    assert split_layer("bert.encoder.layer.3.attention.self.query") == (3, "attention.self.query")
+    assert split_layer("model.layers.12.self_attn.q_proj.lora_A.default") == (12, "self_attn.q_proj.lora_A.default")
+    assert split_layer("transformer.h.0.attn.c_attn") == (0, "attn.c_attn")
+    assert split_layer("blocks.7.attn.qkv") == (7, "attn.qkv")
+    assert split_layer("classifier.dense") == (None, "classifier.dense")
+    assert split_layer("model.layers.3") == (None, "model.layers.3")  # the block itself, no module inside
 
 
 def test_parse_keys_bert_and_decoder() -> None:
     bert = "base_model.model.bert.encoder.layer.3.attention.self.query.lora_A.weight"
     llama = "base_model.model.model.layers.12.self_attn.q_proj.lora_B.default.weight"
-    assert subspace.parse_lora_key(bert) == ((3, "attention.self.query"), "A")
-    assert subspace.parse_lora_key(llama) == ((12, "self_attn.q_proj"), "B")
-    assert subspace.parse_lora_key("base_model.model.classifier.weight") is None
-    assert subspace.base_key("bert.encoder.layer.3.attention.self.query.weight") == (
+    assert adapter_weights.lora_key(bert) == ((3, "attention.self.query"), "A")
+    assert adapter_weights.lora_key(llama) == ((12, "self_attn.q_proj"), "B")
+    assert adapter_weights.lora_key("base_model.model.score.lora_A.default.weight") == ((-1, "score"), "A")
+    assert adapter_weights.lora_key("base_model.model.classifier.weight") is None
+    assert adapter_weights.base_key("bert.encoder.layer.3.attention.self.query.weight") == (
         3,
         "attention.self.query",
     )
-    assert subspace.base_key("encoder.layer.3.attention.self.query.weight") == (3, "attention.self.query")
+    assert adapter_weights.base_key("encoder.layer.3.attention.self.query.weight") == (3, "attention.self.query")
+    assert adapter_weights.base_key("classifier.weight") == (-1, "classifier")
+    assert adapter_weights.base_key("classifier.bias") is None
 
 
 def test_load_adapter_and_scaling(tmp_path: Path) -> None:
-    ad = subspace.load_adapter(write_adapter(tmp_path / "a", r=4, seed=0))
+    ad = adapter_weights.load_adapter(write_adapter(tmp_path / "a", r=4, seed=0))
     assert sorted(ad.pairs) == [
         (0, "attention.self.query"),
         (0, "attention.self.value"),
@@ -247,6 +253,12 @@ def test_similarity_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 1 and mpimg.imread(pngs[0]).ndim == 3
     assert "phi(1,1)" in capsys.readouterr().out
+    job = tmp_path / "sweep" / "0"
+    link_job(job, run)  # a Hydra job folder links its run: it names the same adapter
+    assert adapter_weights.adapter_dir(job).resolve() == (run / "adapter").resolve()
+    assert run_cli("similarity", str(a), str(job), "--module", "query", "--out", str(tmp_path / "via_job")) == 0
+    again = json.loads((tmp_path / "via_job" / "similarity.json").read_text())
+    assert again["results"] == data["results"]
 
 
 def test_amplification_cli(tmp_path: Path) -> None:
@@ -276,3 +288,15 @@ def test_bad_source_exit_2(tmp_path: Path, make: str, capsys: pytest.CaptureFixt
     assert "B:" in err and str(bad) in err and "Traceback" not in err
     assert run_cli("amplification", str(bad)) == 2
     assert "RUN:" in capsys.readouterr().err
+
+
+def test_run_without_adapter_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "full_run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"status": "finished", "method": "full"}))
+    job = tmp_path / "job"
+    link_job(job, run)
+    for source in (run, job):
+        assert run_cli("amplification", str(source), "--out", str(tmp_path / "o")) == 2
+        err = capsys.readouterr().err
+        assert "has no LoRA adapter" in err and "method=lora" in err and "Traceback" not in err

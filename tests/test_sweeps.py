@@ -63,7 +63,8 @@ def test_failed_job_does_not_stop_the_sweep(failing_sweep: dict[str, Any]) -> No
     proc, sweep = failing_sweep["proc"], failing_sweep["sweep"]
     assert proc.returncode != 0, tail(proc)
     runs = finished_runs(failing_sweep["store"])
-    assert sorted(r["config"]["lora"]["r"] for r in runs) == [2, 4], tail(proc)
+    assert sorted(r["config"]["lora"]["r"] for r in runs) == [2, 4], tail(proc)  # one finished run per valid value
+    assert all(r["task"] == "rte" and r["global_steps"] == 2 and 0 <= r["main_metric"]["value"] <= 1 for r in runs)
     rows = read_summary(sweep)
     assert sorted(r["status"] for r in rows) == ["failed", "finished", "finished"]
     failed = next(r for r in rows if r["status"] == "failed")

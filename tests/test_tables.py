@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -13,8 +13,9 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 
-from loralab.analysis import plots, tables
-from loralab.cli import analysis as commands
+from loralab.analysis import layouts, plots, render, tables
+from loralab.cli import main
+from loralab.errors import AnalysisError
 
 # (method, task, target_modules, r, seed, accuracy, trainable_params, peak_memory_mb)
 RUNS = [
@@ -116,16 +117,16 @@ def test_metric_choice(runs: Path) -> None:
     p = tables.pivot(df, ["method"], ["task"], metric="f1")
     assert p.metric == "metrics.best.f1"
     assert p.median.at["full", "mrpc"] == pytest.approx(92.0)  # median(91, 93)
-    with pytest.raises(tables.AnalysisError, match="--metric"):
+    with pytest.raises(AnalysisError, match="--metric"):
         tables.pivot(df, ["method"], ["task"], metric="nope")
 
 
 def test_table2_layout(runs: Path) -> None:
     df = tables.collect(runs).df
-    mixed = tables.table2(df)
+    mixed = layouts.table2(df)
     assert {"lora.r", "lora.target_modules"} <= set(mixed.mixed)  # the lora row mixes configs
     one = df[(df["method"] == "full") | ((df["lora.r"] == 8) & (df["lora.target_modules"] == "query,value"))]
-    p = tables.table2(one)
+    p = layouts.table2(one)
     assert p.mixed == []
     assert list(p.display.columns) == ["# Params", "mrpc (accuracy)", "rte (accuracy)", "Avg."]
     assert list(p.display.index) == ["full", "lora"]  # the paper's order: baselines above LoRA
@@ -136,19 +137,19 @@ def test_table2_layout(runs: Path) -> None:
 
 def test_table5_and_table6_layouts(runs: Path) -> None:
     df = tables.collect(runs).df
-    t5 = tables.table5(df)
+    t5 = layouts.table5(df)
     assert t5.median.at["mrpc", "query,value (r=8)"] == pytest.approx(83.0)
-    t6 = tables.table6(df)
+    t6 = layouts.table6(df)
     assert set(t6) == {"mrpc", "rte"}
     assert t6["mrpc"].median.at["query,value", "2"] == pytest.approx(77.0)
-    md, tex, csv = tables.render(t6)
+    md, tex, csv = render.render(t6)
     assert "**mrpc**" in md and r"\begin{tabular}" in tex and set(csv["block"]) == {"mrpc", "rte"}
     assert list(t6["mrpc"].display.index) == ["query", "query,value"]
     # the paper's row order: q; q,v; q,k,v,o (not alphabetical, which puts q,k,v,o before q,v)
     labels = ["query,value", "query,key,value,attention.output.dense", "query"]
-    assert tables.by_module_count(labels) == ["query", "query,value", "query,key,value,attention.output.dense"]
+    assert layouts.by_module_count(labels) == ["query", "query,value", "query,key,value,attention.output.dense"]
     budget = ["attention.output.dense (r=8)", "key (r=8)", "query,value (r=4)", "query (r=8)", "value (r=8)"]
-    assert tables.by_module_count(budget) == ["query (r=8)", "key (r=8)", "value (r=8)",
+    assert layouts.by_module_count(budget) == ["query (r=8)", "key (r=8)", "value (r=8)",
                                               "attention.output.dense (r=8)", "query,value (r=4)"]
 
 
@@ -157,18 +158,47 @@ def test_pareto_front() -> None:
     assert mask.tolist() == [True, True, False, True]
 
 
+def test_markdown_and_latex_escape_cells_and_captions() -> None:
+    import pandas as pd
+
+    table = pd.DataFrame(
+        {"a|b": ["83.0 ±2.0", "–"], "Avg.": ["70.0†", "1_0 % & #"]},
+        index=pd.Index(["q|v", "query"], name="lora.target_modules"),
+    )
+    md = render.to_markdown(table)
+    head, rule, *body = md.splitlines()
+    assert re.fullmatch(r"\| lora\.target_modules +\| +a\\\|b +\| +Avg\. +\|", head)
+    assert re.fullmatch(r"\|:-+\|:-+:\|:-+:\|", rule)  # row labels left, cells centred
+    assert [c.strip() for c in body[0].strip("|").split(" | ")] == ["q\\|v", "83.0 ±2.0", "70.0†"]
+    tex = render.to_latex(table, "metrics.best.f1 (%): median ± std")
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
+    assert r"\begin{tabular}{lcc}" in tex and r"\begin{table}[t]" in tex
+    assert r"lora.target\_modules & a|b & Avg. \\" in tex
+    assert r"q|v & 83.0 $\pm$2.0 & 70.0$^\dagger$ \\" in tex
+    assert r"query & -- & 1\_0 \% \& \# \\" in tex
+    assert r"\caption{metrics.best.f1 (\%): median $\pm$ std}" in tex
+    assert r"\begin{table}" not in render.to_latex(table)  # no caption: a bare tabular
+
+
+def test_mixed_axes_follow_the_run_id(runs: Path) -> None:
+    df = tables.collect(runs).df
+    assert tables.is_axis("lora.r") and tables.is_axis("optim.lr")
+    for key in ("seed", "store.root", "data.num_workers", "measured_memory_mb", "metrics.best.f1", "run_id"):
+        assert not tables.is_axis(key), key
+    lora = df[df["method"] == "lora"]
+    assert tables.mixed_axes(lora, ["task", "lora.target_modules", "lora.r"]) == []
+    assert tables.mixed_axes(lora, ["task"]) == ["lora.r", "lora.target_modules"]
+
+
 def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="loralab")
-    commands.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    return args.func(args)
+    return main(list(argv))
 
 
 def test_table_cli(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     prefix = tmp_path / "out" / "t6"
     assert run_cli("table", str(runs), "--layout", "table6", "--out", str(prefix), "--plots") == 0
     captured = capsys.readouterr()
-    assert "| lora.target_modules |" in captured.out and "skipped 2" in captured.err
+    assert re.search(r"^\| lora\.target_modules +\|", captured.out, re.M) and "skipped 2" in captured.err
     for ext in ("md", "tex", "csv"):
         assert prefix.with_name("t6." + ext).is_file()
     for png in ("t6_rank.png", "t6_params.png", "t6_memory.png"):

@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 import torch
-from conftest import GLUE_DIR, REPO, Compose, needs_glue
+from conftest import GLUE_DIR, Compose, needs_glue
 from safetensors.torch import load_file
 
 import loralab.run.train
@@ -167,13 +164,13 @@ def test_stsb_regression(stsb: dict[str, Any]) -> None:
     assert len(r["history"]) == 2 and all(k in r for k in FIELDS)
 
 
-def test_same_seed_same_history(stsb: dict[str, Any], compose_cfg: Compose, tmp_path: Path) -> None:
-    cfg = compose_cfg([*STSB, "store.skip_finished=false"], root=tmp_path)
-    _, folder, again = train_once(cfg)
-    assert folder != stsb["folder"] and folder.name == stsb["folder"].name  # same run id, another store
-    assert again["history"] == stsb["results"]["history"]
-    first, second = (load_file(str(f / "adapter" / "adapter_model.safetensors"))
-                     for f in (stsb["folder"], folder))
+def test_same_seed_same_history(compose_cfg: Compose, tmp_path: Path) -> None:
+    """The same config trained twice (two stores) ends with the same history and bit-identical adapters."""
+    tiny = ["task=stsb", "data.train_limit=96", "data.batch_size=16", "trainer.max_epochs=2", "data.val_limit=64"]
+    (_, first_folder, first), (_, folder, again) = (train_once(compose_cfg(tiny, root=tmp_path / s)) for s in "ab")
+    assert folder != first_folder and folder.name == first_folder.name  # same run id, another store
+    assert again["history"] == first["history"] and len(again["history"]) == 2
+    first, second = (load_file(str(f / "adapter" / "adapter_model.safetensors")) for f in (first_folder, folder))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
 
@@ -183,18 +180,3 @@ def test_cola_matthews(compose_cfg: Compose) -> None:
     assert r["main_metric"]["name"] == "matthews"
     assert set(r["metrics"]["best"]) == {"matthews", "accuracy"}
     assert_metric_range(r, ["matthews", "accuracy"])
-
-
-def test_multirun_writes_one_finished_run_per_value(tmp_path: Path, token_cache: Path) -> None:
-    store, sweep = tmp_path / "runs", tmp_path / "sweep"
-    cmd = [sys.executable, str(REPO / "train.py"), "-m", "lora.r=2,4", "task=rte", "trainer.max_steps=3",
-           "data.val_limit=32", "data.train_limit=200", f"store.root={store}", f"hydra.sweep.dir={sweep}",
-           f"data.cache_dir={token_cache}", "trainer.enable_progress_bar=false"]
-    out = subprocess.run(cmd, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ))
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    results = [json.loads(p.read_text()) for p in sorted(store.rglob("results.json"))]
-    assert len(results) == 2
-    assert all(r["status"] == "finished" and r["task"] == "rte" for r in results)
-    assert sorted(r["config"]["lora"]["r"] for r in results) == [2, 4]
-    assert all(r["global_steps"] == 3 and 0 <= r["main_metric"]["value"] <= 1 for r in results)

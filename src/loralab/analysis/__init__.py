@@ -1,12 +1,10 @@
 """Post-hoc analysis of LoRA runs: subspace similarity, amplification, results tables and plots."""
 
 from ..errors import AnalysisError
+from .adapter_weights import Adapter, base_weights, load_adapter
 from .subspace import (
-    Adapter,
     amplification,
-    base_weights,
     compare,
-    load_adapter,
     phi,
     phi_grid,
     projection_distance,

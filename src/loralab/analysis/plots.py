@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -14,7 +15,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from ..store import atomic_write
 from .tables import PARAMS, format_value, is_percent_metric, resolve_metric
+
+if TYPE_CHECKING:
+    from .adapter_weights import Key
+    from .subspace import Similarity
 
 
 def _ticks(n: int, most: int = 5) -> np.ndarray:
@@ -77,6 +83,29 @@ def plot_similarity_panels(
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     return _save(fig, path)
+
+
+def similarity_figures(sims: Mapping[Key, Similarity], out: Path, side: str) -> list[Path]:
+    """One figure per module, ``OUT/similarity_<module>.png``: a panel per layer plus the random baseline of the
+    first layer."""
+    by_module: dict[str, list[tuple[int, Similarity]]] = {}
+    for (lay, mod), s in sims.items():
+        by_module.setdefault(mod, []).append((lay, s))
+    paths = []
+    for mod, items in by_module.items():
+        panels = {f"layer {lay}": s.grid for lay, s in items}
+        panels["random"] = items[0][1].random_grid
+        name = mod.replace(".", "_").replace("/", "_")
+        paths.append(
+            plot_similarity_panels(
+                panels,
+                out / f"similarity_{name}.png",
+                suptitle=f"{mod} (side {side}): phi(i, j)",
+                i_label="i (1st adapter)",
+                j_label="j (2nd adapter)",
+            )
+        )
+    return paths
 
 
 def pareto_front(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
@@ -225,8 +254,7 @@ def trade_off_plots(df: pd.DataFrame, prefix: str | Path, metric: str | None = N
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)

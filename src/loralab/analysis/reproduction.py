@@ -2,24 +2,26 @@
 
 Each part is one or more `train.py -m` sweeps over conf/experiment/repro_minilm.yaml (content-addressed run
 folders under runs/reproduction/<store>/, so a rerun skips finished runs and resumes interrupted ones) followed
-by the analysis commands (`loralab table | similarity | amplification`). Their outputs land in docs/reproduction/
+by the analyses behind `loralab table | similarity | amplification`. Their outputs land in docs/reproduction/
 and the generated blocks of REPRODUCTION.md (between `<!-- reproduce:NAME -->` markers) are rewritten in place;
 the prose around them is never touched.
 """
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..config import CONF_DIR
 from ..errors import ConfigError
-from ..store import hardware_text
+from ..store import RESULTS, hardware_text, write_text
+from ..sweep.collect import read_all
+from .reports import SimilarityReport, write_amplification, write_similarity, write_table
 
 EXPERIMENT = "+experiment=repro_minilm"
 TASKS = "sst2,mrpc,cola,rte,stsb"
@@ -61,7 +63,7 @@ def _as_override(value: object) -> str:
 class Part:
     title: str
     sweeps: tuple[Sweep, ...]
-    table: tuple[str, ...] = ()  # `loralab table` arguments for this part's store (none: the figures)
+    table: dict[str, Any] | None = None  # `write_table` arguments for this part's store (None: the figures)
     stores: tuple[str, ...] = field(default=())  # run stores its compute is counted from (default: its sweeps')
 
 
@@ -73,20 +75,20 @@ PARTS: dict[str, Part] = {
             Sweep("full", {"task": TASKS, "seed": SEEDS, "lora": "full", "optim.lr": "5e-5"}, "table2"),
             Sweep("head", {"task": TASKS, "seed": SEEDS, "lora": "head"}, "table2"),
         ),
-        table=("--layout", "table2"),
+        table={"layout": "table2"},
     ),
     # Tables 5, 6, 7 and the figures train one seed per cell on half of Table 2's training subset (2 epochs each).
     "table6": Part(
         "Table 6: rank r x weight types, seed 0, half of Table 2's training subset",
         tuple(Sweep(task, {"task": task, "data.train_limit": HALF[task], "lora.r": "1,2,4,8,64",
                            "lora.target_modules": f"{Q},{QV},{QKVO}"}, "table6") for task in HALF),
-        table=("--layout", "table6"),
+        table={"layout": "table6"},
     ),
     "table5": Part(
         "Table 5: weight types at an equal parameter budget, seed 0, half of Table 2's SST-2 subset",
         (Sweep("budget", {"task": "sst2", "data.train_limit": HALF["sst2"], "lora": ",".join(
             f"budget/{b}" for b in ("q_r8", "k_r8", "v_r8", "o_r8", "qk_r4", "qv_r4", "qkvo_r2"))}, "table5"),),
-        table=("--layout", "table5"),
+        table={"layout": "table5"},
     ),
     "figures": Part(
         "Figures 3 and 4 (subspace similarity) and Table 7 (amplification): SST-2 q,v adapters of Table 6",
@@ -100,7 +102,7 @@ PARTS: dict[str, Part] = {
     "qlora": Part(
         "QLoRA on CPU: LoRA r=8 q,v over an fp32, int8 or nf4 (double-quantized) frozen base, seed 0",
         (Sweep("quant", {"task": "sst2,stsb", "quant": "none,int8,nf4"}, "qlora"),),
-        table=("--rows", "quant.mode", "--cols", "task"),
+        table={"rows": ["quant.mode"], "cols": ["task"]},
     ),
 }
 
@@ -142,56 +144,42 @@ def run_dir(paths: Paths, store: str, overrides: list[str]) -> Path:
     return store_run_dir(compose([*overrides, *paths.extra, f"store.root={paths.store(store)}"]))
 
 
-def loralab(*argv: str) -> None:
-    """Run a `loralab` command in-process; a non-zero exit stops the reproduction."""
-    from ..cli import main
-
-    print("$ loralab " + " ".join(argv), flush=True)
-    code = main(list(argv))
-    if code:
-        raise ConfigError(f"`loralab {' '.join(argv)}` exited with {code}")
-
-
 # ----------------------------------------------------------------------------- analysis per part
 
 
 def analyse_table(name: str, paths: Paths) -> str:
     part, out = PARTS[name], paths.docs / name
-    loralab("table", str(paths.store(part.sweeps[0].store)), *part.table, "--out", str(out))
-    return out.with_suffix(".md").read_text().strip()
+    report = write_table(paths.store(part.sweeps[0].store), out, **part.table)
+    for line in report.warnings():
+        print(line, file=sys.stderr)
+    print(f"{name}: wrote " + ", ".join(str(p) for p in report.paths.values()), flush=True)
+    return report.markdown.strip()
 
 
 def analyse_figures(paths: Paths) -> str:
     sst2 = [EXPERIMENT, *(f"{k}={v}" for k, v in FIGURE_RUN.items())]
     r4, r8, r64 = (run_dir(paths, "table6", [*sst2, f"lora.r={r}"]) for r in (4, 8, 64))
     r64_seed1 = run_dir(paths, "figures", [*sst2, "lora.r=64", "seed=1"])
-    layer = str(MIDDLE_LAYER)
-    loralab("similarity", str(r8), str(r64), "--layer", layer, "--out", str(paths.docs / "fig3_r8_vs_r64"))
-    loralab("similarity", str(r64), str(r64_seed1), "--layer", layer, "--out", str(paths.docs / "fig4_r64_seeds"))
-    blocks = [similarity_block("Figure 3 style: r=8 vs r=64 (seed 0)", paths.docs / "fig3_r8_vs_r64", paths),
-              similarity_block("Figure 4 style: r=64, seed 0 vs seed 1", paths.docs / "fig4_r64_seeds", paths)]
-    amp = {}
-    for r, run in ((4, r4), (64, r64)):
-        out = paths.docs / f"amplification_r{r}"
-        loralab("amplification", str(run), "--out", str(out))
-        amp[r] = json.loads((out / "amplification.json").read_text())["rows"]
+    fig3 = write_similarity(r8, r64, paths.docs / "fig3_r8_vs_r64", layer=MIDDLE_LAYER)
+    fig4 = write_similarity(r64, r64_seed1, paths.docs / "fig4_r64_seeds", layer=MIDDLE_LAYER)
+    blocks = [similarity_block("Figure 3 style: r=8 vs r=64 (seed 0)", fig3, paths),
+              similarity_block("Figure 4 style: r=64, seed 0 vs seed 1", fig4, paths)]
+    amp = {r: write_amplification(run, paths.docs / f"amplification_r{r}").rows for r, run in ((4, r4), (64, r64))}
     blocks.append(amplification_block(amp))
+    print(f"figures: wrote {', '.join(str(f.json_path.parent) for f in (fig3, fig4))} and the amplification tables",
+          flush=True)
     return "\n\n".join(blocks)
 
 
-def similarity_block(title: str, folder: Path, paths: Paths) -> str:
-    data = json.loads((folder / "similarity.json").read_text())
+def similarity_block(title: str, report: SimilarityReport, paths: Paths) -> str:
     lines = [f"**{title}** (layer {MIDDLE_LAYER}, right singular vectors of A)", "",
              "| module | phi(1,1) | mean phi over i<=8, j<=8 | phi(r1, r2) | mean phi, random Gaussian baseline |",
              "|---|:---:|:---:|:---:|:---:|"]
-    for res in data["results"]:
-        grid = res["grid"]
-        top = [row[:8] for row in grid[:8]]
-        mean8 = sum(map(sum, top)) / sum(map(len, top))
-        random = res["random_grid"]
-        lines.append(f"| {_short(res['module'])} | {grid[0][0]:.3f} | {mean8:.3f} | {grid[-1][-1]:.3f} | "
-                     f"{sum(map(sum, random)) / sum(map(len, random)):.3f} |")
-    pngs = sorted(folder.glob("*.png"))
+    for (_, module), sim in report.sims.items():
+        grid = sim.grid
+        lines.append(f"| {_short(module)} | {grid[0, 0]:.3f} | {grid[:8, :8].mean():.3f} | {grid[-1, -1]:.3f} | "
+                     f"{sim.random_grid.mean():.3f} |")
+    pngs = sorted(report.pngs)
     links = [Path(os.path.relpath(p, paths.report.parent)).as_posix() for p in pngs]  # relative to the report
     lines += [""] + [f"![{title}: {p.stem}]({link})" for p, link in zip(pngs, links)]
     return "\n".join(lines)
@@ -218,7 +206,7 @@ def amplification_block(amp: dict[int, list[dict]]) -> str:
 
 
 def analyse(name: str, paths: Paths) -> str:
-    return analyse_table(name, paths) if PARTS[name].table else analyse_figures(paths)
+    return analyse_figures(paths) if PARTS[name].table is None else analyse_table(name, paths)
 
 
 # ----------------------------------------------------------------------------- report
@@ -229,11 +217,10 @@ def part_compute(part: Part, paths: Paths) -> dict:
     stores = part.stores or tuple(dict.fromkeys(s.store for s in part.sweeps))
     runs, seconds = 0, 0.0
     for store in stores:
-        for path in paths.store(store).glob("*/*/results.json"):
-            result = json.loads(path.read_text())
+        for result in read_all(paths.store(store)):
             if result.get("status") == "finished" and result.get("job_started_at"):
                 runs += 1
-                seconds += path.stat().st_mtime - float(result["job_started_at"])
+                seconds += (Path(result["_path"]) / RESULTS).stat().st_mtime - float(result["job_started_at"])
     return {"runs": runs, "compute_s": round(seconds)}
 
 
@@ -257,12 +244,6 @@ def splice(text: str, name: str, new_block: str) -> str:
     return text[:i] + new_block + text[j + len(end):]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def reproduce(names: list[str], paths: Paths, analysis_only: bool = False) -> None:
     paths.docs.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -273,6 +254,6 @@ def reproduce(names: list[str], paths: Paths, analysis_only: bool = False) -> No
         body = analyse(name, paths)
         compute = part_compute(PARTS[name], paths)
         report = paths.report.read_text() if paths.report.exists() else "# Reproduction\n"
-        write_atomic(paths.report, splice(report, name, block(name, body, compute, paths)))
+        write_text(paths.report, splice(report, name, block(name, body, compute, paths)))
         print(f"{name}: {compute['runs']} run(s) trained ({compute['compute_s'] / 60:.1f} min of compute); this call "
               f"{(time.time() - start) / 60:.1f} min -> {paths.report}", flush=True)

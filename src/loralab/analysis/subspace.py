@@ -1,65 +1,21 @@
-"""Subspace analysis of LoRA updates (LoRA paper, section 7).
-
-All linear algebra runs in float64 numpy. A "source" is a run folder
-(``adapter/`` + ``results.json``) or a peft adapter folder
-(``adapter_config.json`` + ``adapter_model.safetensors``).
+"""Subspace analysis of LoRA updates (LoRA paper, section 7): subspace similarity phi, projection distance and
+feature amplification. All linear algebra runs in float64 numpy.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from ..errors import AnalysisError
+from .adapter_weights import Adapter, Key, select, to_f64
 
-Key = tuple[int, str]  # (layer index, module path inside the layer); layer -1 = not in a numbered block
 Side = Literal["A", "B"]
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-# `<prefix>.layer.3.attention.self.query.lora_A[.default].weight`; the block names cover
-# BERT (layer), Llama/Mistral (layers), GPT-2 (h) and ViT-style (blocks).
-_LORA_KEY = re.compile(
-    r"^(?:(?P<prefix>.*?)\.)?(?:layers?|h|blocks?)\.(?P<layer>\d+)\.(?P<module>.+?)"
-    r"\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
-)
-_LORA_KEY_FLAT = re.compile(r"^(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-_BASE_KEY = re.compile(r"^(?:.*?\.)?(?:layers?|h|blocks?)\.(?P<layer>\d+)\.(?P<module>.+)\.weight$")
-
-
-@dataclass
-class Adapter:
-    """LoRA factors of one adapter: ``pairs[(layer, module)] = (A, B)``, A (r, in), B (out, r)."""
-
-    path: Path
-    config: dict
-    pairs: dict[Key, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.config.get("lora_alpha", self.config.get("r", 8)))
-
-    @property
-    def use_rslora(self) -> bool:
-        return bool(self.config.get("use_rslora", False))
-
-    def scaling(self, r: int | None = None) -> float:
-        """alpha/r, or alpha/sqrt(r) with rsLoRA; ``r`` defaults to the config's r."""
-        r = int(r if r is not None else self.config.get("r", 8))
-        return self.lora_alpha / (math.sqrt(r) if self.use_rslora else r)
-
-    @property
-    def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
 
 
 @contextlib.contextmanager
@@ -73,85 +29,6 @@ def blas_single_thread():
         return
     with threadpool_limits(limits=1, user_api="blas"):
         yield
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def adapter_dir(source: str | Path, arg: str = "source") -> Path:
-    """Return the peft adapter folder of a run folder or adapter folder, or raise AnalysisError."""
-    path = Path(source)
-    if not path.exists():
-        raise AnalysisError(f"{arg}: '{source}' does not exist; pass a run folder or a peft adapter folder.")
-    if not path.is_dir():
-        raise AnalysisError(f"{arg}: '{source}' is not a folder; pass a run folder or a peft adapter folder.")
-    for cand in (path, path / "adapter"):
-        if (cand / ADAPTER_CONFIG).is_file() and (cand / ADAPTER_WEIGHTS).is_file():
-            return cand
-    if (path / "results.json").is_file():
-        raise AnalysisError(
-            f"{arg}: run folder '{source}' has no LoRA adapter ({path / 'adapter'} is missing or incomplete); "
-            "only runs with method=lora save an adapter."
-        )
-    raise AnalysisError(
-        f"{arg}: '{source}' is neither a run folder (adapter/ + results.json) nor a peft adapter folder "
-        f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}); point it at one of those."
-    )
-
-
-def parse_lora_key(key: str) -> tuple[Key, str] | None:
-    """Map a peft state-dict key to ((layer, module), "A"|"B"); None for non-LoRA keys."""
-    m = _LORA_KEY.match(key)
-    if m:
-        return (int(m["layer"]), m["module"]), m["ab"]
-    m = _LORA_KEY_FLAT.match(key)
-    if m:
-        return (-1, m["module"].removeprefix("base_model.model.")), m["ab"]
-    return None
-
-
-def lora_pairs(state: Mapping[str, object]) -> dict[Key, tuple[np.ndarray, np.ndarray]]:
-    """Group a peft state dict into (layer, module) -> (A, B) float64 arrays."""
-    found: dict[Key, dict[str, np.ndarray]] = {}
-    for name, tensor in state.items():
-        parsed = parse_lora_key(name)
-        if parsed is not None:
-            found.setdefault(parsed[0], {})[parsed[1]] = _to_f64(tensor)
-    return {k: (v["A"], v["B"]) for k, v in sorted(found.items()) if "A" in v and "B" in v}
-
-
-def load_adapter(source: str | Path, arg: str = "source") -> Adapter:
-    """Load the LoRA factors and config of a run folder or peft adapter folder."""
-    from safetensors import safe_open
-
-    folder = adapter_dir(source, arg)
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    pairs = lora_pairs(state)
-    if not pairs:
-        raise AnalysisError(f"{arg}: '{source}' contains no lora_A/lora_B weights.")
-    return Adapter(path=folder, config=config, pairs=pairs)
-
-
-def _to_f64(tensor: object) -> np.ndarray:
-    if hasattr(tensor, "detach"):  # torch tensor (bf16 has no numpy dtype, so cast in torch first)
-        import torch
-
-        return tensor.detach().to(torch.float64).cpu().numpy()
-    return np.asarray(tensor, dtype=np.float64)
-
-
-def select(keys: Iterable[Key], module: str | None = None, layer: int | None = None) -> list[Key]:
-    """Filter keys; ``module`` matches the full module path or its trailing components ("query")."""
-    out = []
-    for lay, mod in keys:
-        if layer is not None and lay != layer:
-            continue
-        if module is not None and not (mod == module or mod.endswith("." + module)):
-            continue
-        out.append((lay, mod))
-    return out
 
 
 # ----------------------------------------------------------------------------- subspace similarity
@@ -338,7 +215,7 @@ def amplification_table(
         for n, (key, (A, B)) in enumerate(adapter.pairs.items()):
             if key not in weights:
                 continue
-            W = _to_f64(weights[key])
+            W = to_f64(weights[key])
             if fan_in_fan_out:  # GPT-2 Conv1D stores W as (in, out)
                 W = W.T
             if W.shape != (B.shape[0], A.shape[1]):
@@ -351,80 +228,3 @@ def amplification_table(
             row = amplification(A, B, W, adapter.scaling(A.shape[0]), include_scaling, r, seed + n)
             rows.append({"layer": key[0], "module": key[1], **row})
     return rows
-
-
-# ----------------------------------------------------------------------------- base weights
-
-
-def resolve_base_dir(adapter: Adapter, base: str | Path | None = None) -> Path:
-    """Folder (or file) holding the base model's model.safetensors for ``adapter``."""
-    if base is not None:
-        path = Path(base)
-        if not path.exists():
-            raise AnalysisError(f"--base: '{base}' does not exist; pass a folder with model.safetensors.")
-        return path
-    name = adapter.base_model
-    if not name:
-        raise AnalysisError(
-            f"{adapter.path / ADAPTER_CONFIG} has no base_model_name_or_path; pass --base PATH to the base model folder."
-        )
-    if (Path(name) / "model.safetensors").is_file():
-        return Path(name)
-    try:
-        from ..run.weights import resolve_model_path
-    except ImportError as exc:
-        raise AnalysisError(f"cannot resolve base model '{name}' ({exc}); pass --base PATH.") from exc
-    try:
-        return Path(resolve_model_path(name))
-    except Exception as exc:  # resolver errors vary; surface them as a user-facing message
-        raise AnalysisError(f"cannot resolve base model '{name}': {exc}; pass --base PATH.") from exc
-
-
-def base_weights(
-    source: str | Path | Adapter,
-    keys: Iterable[Key] | None = None,
-    base: str | Path | None = None,
-) -> dict[Key, np.ndarray]:
-    """Frozen base weights (layer, module) -> W (out, in) read straight from model.safetensors.
-
-    ``source`` is a run/adapter folder (or a loaded Adapter) whose adapter_config.json names the
-    base model; ``keys`` defaults to the adapter's LoRA modules. Names with or without a model
-    prefix (``bert.``, ``model.``) are matched by (layer, module).
-    """
-    from safetensors import safe_open
-
-    adapter = source if isinstance(source, Adapter) else load_adapter(source)
-    wanted = set(adapter.pairs if keys is None else keys)
-    out: dict[Key, np.ndarray] = {}
-    for file in _weight_files(resolve_base_dir(adapter, base)):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                key = base_key(name)
-                if key in wanted and key not in out:
-                    out[key] = _to_f64(f.get_tensor(name))
-    return out
-
-
-def _weight_files(path: Path) -> list[Path]:
-    """model.safetensors, or the shards listed in model.safetensors.index.json."""
-    if path.is_file():
-        return [path]
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / s for s in shards]
-    raise AnalysisError(
-        f"base model: no model.safetensors in '{path}'; pass --base PATH to a folder with one."
-    )
-
-
-def base_key(name: str) -> Key | None:
-    """(layer, module) of a base-model weight name like ``bert.encoder.layer.3.attention.self.query.weight``."""
-    m = _BASE_KEY.match(name)
-    if m:
-        return int(m["layer"]), m["module"]
-    if name.endswith(".weight"):
-        return -1, name.removesuffix(".weight")
-    return None

@@ -7,9 +7,8 @@ seeds (``spread="halfrange"``, the default) or the sample std (``spread="std"``)
 from __future__ import annotations
 
 import functools
-import json
 import math
-import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,67 +17,38 @@ import numpy as np
 import pandas as pd
 
 from ..errors import AnalysisError
-from ..store import flatten
-from ..sweep.collect import find_results
+from ..store import is_semantic
+from ..sweep.collect import read_all, runs_frame
 
 MAIN_METRIC = "main_metric.value"
 PARAMS = "trainable_params"
-_SKIP_TOP = {"config", "versions"}
-# Never treated as an experimental axis when checking that a cell mixes configurations.
-_NOT_AXES = {"seed", "run_id", "git_commit", "status", "path"}
-_RESULT_FIELDS = (
-    "best_epoch",
-    "trainable_params",
-    "total_params",
-    "adapter_bytes",
-    "train_time_s",
-    "train_samples_per_s",
-    "peak_memory_mb",
-)
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def result_row(result: dict, path: Path | None = None) -> dict[str, object]:
-    """One flat row: top-level fields (metrics.best.f1, main_metric.value, ...) plus config axes (lora.r, ...)."""
-    row = flatten({k: v for k, v in result.items() if k not in _SKIP_TOP})
-    for key, value in flatten(result.get("config") or {}).items():
-        row.setdefault(key, value)  # top-level fields win; they are the recorded truth
-    if path is not None:
-        row["path"] = str(path.parent)
-    return row
-
-
 @dataclass
 class Collected:
-    """Finished runs as a DataFrame plus how many results.json files were skipped."""
+    """Finished runs as a DataFrame plus how many results.json files were skipped, by status."""
 
     df: pd.DataFrame
-    skipped: int = 0
     skipped_status: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skipped_status.values())
 
 
 def collect(root: str | Path, arg: str = "DIR") -> Collected:
-    """Read every finished results.json under ``root`` into one flat DataFrame (one row per run)."""
-    root_path = Path(root)
-    if not root_path.is_dir():
+    """Every finished results.json under ``root`` as one flat DataFrame (one row per run)."""
+    if not Path(root).is_dir():
         raise AnalysisError(
             f"{arg}: '{root}' is not an existing folder; pass the folder holding your run folders."
         )
-    rows, skipped = [], {}
-    for path in find_results(root_path):
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            skipped["unreadable"] = skipped.get("unreadable", 0) + 1
-            continue
-        status = str(result.get("status", "missing"))
-        if status != "finished":
-            skipped[status] = skipped.get(status, 0) + 1
-            continue
-        rows.append(result_row(result, path))
-    return Collected(pd.DataFrame(rows), sum(skipped.values()), skipped)
+    records = read_all(Path(root))
+    finished = [r for r in records if r.get("status") == "finished"]
+    skipped = Counter(str(r.get("status", "missing")) for r in records if r.get("status") != "finished")
+    return Collected(runs_frame(finished), dict(skipped))
 
 
 def resolve_metric(df: pd.DataFrame, metric: str | None) -> str:
@@ -175,32 +145,15 @@ def _config_sections() -> frozenset[str]:
     return frozenset(f.name for f in fields(Config))
 
 
-def _semantic_key(column: str) -> bool:
-    """A config key that changes what a run computes (the run id's keys), not a measured result field
-    (memory, timings) nor a store/logger setting."""
-    from ..store import NON_SEMANTIC
-
-    head, _, rest = column.partition(".")
-    if head not in _config_sections():
-        return False
-    skipped = NON_SEMANTIC.get(head, ())
-    return not (head in NON_SEMANTIC and (skipped is None or rest in skipped))
+def is_axis(column: str) -> bool:
+    """A config key that enters the run id (not a measured result field, nor seeds, which cells aggregate over)."""
+    head = column.partition(".")[0]
+    return head in _config_sections() and is_semantic(column) and column.rpartition(".")[2] != "seed"
 
 
 def mixed_axes(df: pd.DataFrame, group_keys: Sequence[str]) -> list[str]:
-    """Columns (other than seeds/ids/metrics) that vary within some group: cells mix configs."""
-    result_cols = {c for c in df.columns if c.startswith(("metrics.", "main_metric.", "versions."))}
-    # String columns unique to every run are ids/paths/timestamps, not axes.
-    per_run = {
-        c
-        for c in df.columns
-        if not pd.api.types.is_numeric_dtype(df[c]) and len(df) > 3 and df[c].astype(str).nunique() == len(df)
-    }
-    ignore = _NOT_AXES | result_cols | per_run | set(group_keys) | set(_RESULT_FIELDS)
-    candidates = [
-        c for c in df.columns
-        if c not in ignore and _semantic_key(c) and not c.endswith((".seed", "_dir", ".dir", ".path"))
-    ]
+    """Config axes that vary within some group: those cells mix configurations."""
+    candidates = [c for c in df.columns if c not in group_keys and is_axis(c)]
     if not candidates:
         return []
     varying = df.groupby(list(group_keys), dropna=False)[candidates].agg(lambda s: s.astype(str).nunique())
@@ -335,176 +288,3 @@ def add_average(p: Pivot) -> Pivot:
         "–" if math.isnan(m) else f"{m:.1f}" + ("" if ok else "†") for m, ok in zip(means, complete)
     ]
     return p
-
-
-# ----------------------------------------------------------------------------- layouts
-
-
-# The paper's order: GLUE columns as in Table 2, baselines above LoRA.
-PAPER_TASKS = ("mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb", "wnli")
-PAPER_METHODS = ("full", "bitfit", "head", "lora")
-
-
-def paper_order(p: Pivot, rows: Sequence[str], cols: Sequence[str]) -> Pivot:
-    """Reorder a pivot's rows and columns to ``rows``/``cols`` (labels not listed keep their place at the end)."""
-    row_order = [r for r in rows if r in p.median.index] + [r for r in p.median.index if r not in rows]
-    col_order = [c for c in cols if c in p.median.columns] + [c for c in p.median.columns if c not in cols]
-    for name in ("median", "spread", "count", "params"):
-        setattr(p, name, getattr(p, name).reindex(index=row_order, columns=col_order))
-    extra = [c for c in p.display.columns if c not in p.median.columns]  # "# Params"
-    p.display = p.display.reindex(index=row_order, columns=[*extra, *col_order])
-    return p
-
-
-def table2(df: pd.DataFrame, metric: str | None = None, spread: str = "halfrange") -> Pivot:
-    """Paper Table 2: rows = methods, columns = tasks (headed with each task's metric), with # Params and Avg."""
-    p = paper_order(pivot(df, ["method"], ["task"], metric, spread), PAPER_METHODS, PAPER_TASKS)
-    if metric in (None, "", "main") and "main_metric.name" in df.columns:
-        names = df.groupby("task")["main_metric.name"].agg(lambda s: "/".join(sorted(set(map(str, s)))))
-        p.display.columns = [f"{c} ({names[c]})" if c in names else c for c in p.display.columns]
-    return add_average(p)
-
-
-def table5(df: pd.DataFrame, metric: str | None = None, spread: str = "halfrange") -> Pivot:
-    """Paper Table 5: which weights to adapt at an equal budget; columns = target modules (r)."""
-    lora = _lora_only(df)
-    label = lora["lora.target_modules"].map(format_value) + " (r=" + lora["lora.r"].map(format_value) + ")"
-    lora = lora.assign(**{"weight type": label})
-    p = pivot(lora, ["task"], ["weight type"], metric, spread)
-    return paper_order(p, list(p.median.index), by_module_count(p.median.columns))
-
-
-def table6(df: pd.DataFrame, metric: str | None = None, spread: str = "halfrange") -> dict[str, Pivot]:
-    """Paper Table 6: per task, rows = weight type, columns = r."""
-    lora = _lora_only(df)
-    pivots = {}
-    for task, g in lora.groupby("task", sort=True):
-        p = pivot(g, ["lora.target_modules"], ["lora.r"], metric, spread)
-        pivots[str(task)] = paper_order(p, by_module_count(p.median.index), list(p.median.columns))
-    return pivots
-
-
-# W_q, W_k, W_v, W_o in BERT and Llama-style names: the order the paper lists weight types in.
-_QKVO = ("query", "q_proj", "key", "k_proj", "value", "v_proj", "attention.output.dense", "o_proj")
-
-
-def by_module_count(labels: Iterable[str]) -> list[str]:
-    """Weight-type labels as the paper lists them: fewer adapted module types first, then q, k, v, o order
-    (q; k; v; o; q,k; q,v; q,k,v,o). A label may carry a suffix such as " (r=8)"."""
-
-    def key(label: str) -> tuple:
-        modules = str(label).split(" (")[0].split(",")
-        return len(modules), [_QKVO.index(m) if m in _QKVO else len(_QKVO) for m in modules]
-
-    return sorted(labels, key=key)
-
-
-def _lora_only(df: pd.DataFrame) -> pd.DataFrame:
-    if df.empty:
-        raise AnalysisError("no finished runs found; check DIR or wait for runs to finish.")
-    lora = df[df["method"] == "lora"] if "method" in df.columns else df
-    missing = [k for k in ("lora.r", "lora.target_modules") if k not in lora.columns]
-    if lora.empty or missing:
-        raise AnalysisError(
-            "this layout needs finished LoRA runs with lora.r and lora.target_modules in their config."
-        )
-    return lora
-
-
-# ----------------------------------------------------------------------------- writers
-
-
-def _esc_md(s: object) -> str:
-    return str(s).replace("|", "\\|")
-
-
-def to_markdown(table: pd.DataFrame) -> str:
-    """GitHub markdown (no tabulate dependency)."""
-    head = [table.index.name or "", *map(str, table.columns)]
-    lines = [
-        "| " + " | ".join(map(_esc_md, head)) + " |",
-        "|" + "|".join(["---"] + [":---:"] * len(table.columns)) + "|",
-    ]
-    for idx, row in table.iterrows():
-        lines.append("| " + " | ".join(_esc_md(v) for v in [idx, *row.tolist()]) + " |")
-    return "\n".join(lines)
-
-
-_TEX = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-}
-
-
-def _esc_tex(s: object) -> str:
-    text = "".join(_TEX.get(ch, ch) for ch in str(s))
-    return text.replace("±", r"$\pm$").replace("†", r"$^\dagger$").replace("–", "--")
-
-
-def to_latex(table: pd.DataFrame, caption: str = "") -> str:
-    """A booktabs tabular (wrapped in a table env with caption when given)."""
-    head = [table.index.name or "", *map(str, table.columns)]
-    body = [" & ".join(_esc_tex(v) for v in [idx, *row.tolist()]) + r" \\" for idx, row in table.iterrows()]
-    lines = [
-        r"\begin{tabular}{l" + "c" * len(table.columns) + "}",
-        r"\toprule",
-        " & ".join(map(_esc_tex, head)) + r" \\",
-        r"\midrule",
-        *body,
-        r"\bottomrule",
-        r"\end{tabular}",
-    ]
-    if caption:
-        lines = [
-            r"\begin{table}[t]",
-            r"\centering",
-            *lines,
-            r"\caption{" + _esc_tex(caption) + "}",
-            r"\end{table}",
-        ]
-    return "\n".join(lines)
-
-
-def render(pivots: Pivot | dict[str, Pivot]) -> tuple[str, str, pd.DataFrame]:
-    """Markdown, LaTeX and tidy CSV frame for one pivot or a dict of per-block pivots."""
-    if isinstance(pivots, Pivot):
-        return (
-            to_markdown(pivots.display) + f"\n\n{pivots.caption()}\n",
-            to_latex(pivots.display, pivots.caption()) + "\n",
-            pivots.tidy,
-        )
-    md, tex, csv = [], [], []
-    for name, p in pivots.items():
-        md.append(f"**{name}**\n\n{to_markdown(p.display)}\n")
-        tex.append(f"% {name}\n" + to_latex(p.display, f"{name}. {p.caption()}"))
-        csv.append(p.tidy.assign(block=name))
-    first = next(iter(pivots.values()))
-    return (
-        "\n".join(md) + f"\n{first.caption()}\n",
-        "\n\n".join(tex) + "\n",
-        pd.concat(csv, ignore_index=True),
-    )
-
-
-def write_outputs(pivots: Pivot | dict[str, Pivot], prefix: str | Path) -> dict[str, Path]:
-    """Write PREFIX.md, PREFIX.tex, PREFIX.csv; returns the paths."""
-    md, tex, csv = render(pivots)
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    paths = {ext: prefix.with_name(prefix.name + "." + ext) for ext in ("md", "tex", "csv")}
-    paths["md"].write_text(md)
-    paths["tex"].write_text(tex)
-    csv.to_csv(paths["csv"], index=False)
-    return paths
-
-
-def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr)
