@@ -131,7 +131,7 @@ def test_checkpointing_on_a_model_without_support_stops_before_loading(compose_c
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad combination was reported")
 
-    monkeypatch.setattr(loralab.run.train, "skeleton", unsupported)
+    monkeypatch.setattr(loralab.run.preflight, "skeleton", unsupported)  # preflight builds the skeleton
     monkeypatch.setattr(loralab.run.train, "build_model", no_loading)
     cfg = compose_cfg(["memory=checkpointing"], root=tmp_path)
     with pytest.raises(ConfigError, match="memory.gradient_checkpointing=true: minilm .* does not support"):
@@ -158,13 +158,16 @@ def test_micro_batches_partition_each_effective_batch() -> None:
 
 def test_checkpointing_lowers_activation_memory_same_gradients(compose_cfg: Compose) -> None:
     """A long batch (4 x 256 tokens): the live-tensor peak of forward + backward drops by more than half with
-    checkpointing, the LoRA gradients stay the same, and `loralab params` predicts both peaks."""
+    checkpointing, the LoRA gradients stay the same, and `loralab params` predicts both peaks. fp32 pinned: `auto`
+    would estimate bf16 autocast on a CPU with native bf16 (test_estimate_follows_bf16_autocast covers that)."""
     b, s = 4, 256
     results: dict[bool, dict[str, Any]] = {}
     batch = {"input_ids": torch.randint(1000, 5000, (b, s), generator=torch.Generator().manual_seed(0)),
              "attention_mask": torch.ones(b, s, dtype=torch.long)}
     for ckpt in (False, True):
-        cfg = compose_cfg([f"data.batch_size={b}", f"data.max_length={s}", f"memory.gradient_checkpointing={ckpt}"])
+        cfg = compose_cfg([f"data.batch_size={b}", f"data.max_length={s}", f"memory.gradient_checkpointing={ckpt}",
+                           "trainer.precision=32-true"])
+        assert estimate(cfg)["memory"]["activations"]["precision"] == "32-true"
         model = real_model(cfg)
         assert checkpointed_layers(model) == (6 if ckpt else 0)
         torch.manual_seed(1)  # the same dropout draws (non-reentrant checkpointing replays the RNG state)
@@ -180,6 +183,31 @@ def test_checkpointing_lowers_activation_memory_same_gradients(compose_cfg: Comp
     assert any(g.abs().sum() > 0 for g in ckpt["grads"].values())
     for r in (plain, ckpt):  # the estimate (activations kept) is within 20% of the measured peak
         assert 0.8 < r["estimate"] / r["peak"] < 1.2, (r["estimate"] / MB, r["peak"] / MB)
+
+
+def test_estimate_follows_bf16_autocast(compose_cfg: Compose) -> None:
+    """trainer.precision=bf16-mixed (what `auto` picks on a CPU with native bf16), forced whatever this CPU has: the
+    forward runs in Lightning's own autocast context, and the estimate, which counts the fp32 residual stream, the
+    fp32 sdpa math path and autocast's bf16 copies of every weight a matmul reads, predicts the live-tensor peak with
+    and without checkpointing as closely as in fp32. Small (2 x 128) so that emulated bf16 stays quick."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    b, s = 2, 128
+    batch = {"input_ids": torch.randint(1000, 5000, (b, s), generator=torch.Generator().manual_seed(0)),
+             "attention_mask": torch.ones(b, s, dtype=torch.long)}
+    for ckpt in (False, True):
+        cfg = compose_cfg([f"data.batch_size={b}", f"data.max_length={s}", f"memory.gradient_checkpointing={ckpt}",
+                           "trainer.precision=bf16-mixed"])
+        acts = estimate(cfg)["memory"]["activations"]
+        assert acts["precision"] == "bf16-mixed" and acts["autocast"] and acts["weight_copies"] > 0
+        model = real_model(cfg)
+        torch.manual_seed(1)
+        with LiveTensorBytes(model) as tracker:
+            with MixedPrecision("bf16-mixed", "cpu").forward_context():
+                logits = model(**batch).logits
+            assert logits.dtype == torch.bfloat16  # autocast really ran the matmuls in bf16
+            logits.float().sum().backward()
+        assert 0.8 < acts["kept"] / tracker.peak < 1.2, (ckpt, acts["kept"] / MB, tracker.peak / MB)
 
 
 def test_eight_bit_optimizers_keep_uint8_states_paged_falls_back_on_cpu() -> None:
@@ -204,11 +232,12 @@ def test_eight_bit_optimizers_keep_uint8_states_paged_falls_back_on_cpu() -> Non
 
 
 def test_estimate_follows_the_levers() -> None:
-    base = estimate(compose([]))["memory"]
-    accum = estimate(compose(["data.grad_accum=4"]))["memory"]
-    ckpt = estimate(compose(["memory=checkpointing"]))["memory"]
-    bf16 = estimate(compose(["memory=lora_bf16"]))["memory"]
-    eight = estimate(compose(["memory=adamw8bit"]))["memory"]
+    fp32 = "trainer.precision=32-true"  # pinned: `auto` is bf16 autocast on a CPU with native bf16
+    base = estimate(compose([fp32]))["memory"]
+    accum = estimate(compose([fp32, "data.grad_accum=4"]))["memory"]
+    ckpt = estimate(compose([fp32, "memory=checkpointing"]))["memory"]
+    bf16 = estimate(compose([fp32, "memory=lora_bf16"]))["memory"]
+    eight = estimate(compose([fp32, "memory=adamw8bit"]))["memory"]
     assert accum["activations"]["batch_size"] == 8 and base["activations"]["batch_size"] == 32
     assert accum["activations"]["kept"] == pytest.approx(base["activations"]["kept"] / 4, rel=0.01)
     assert ckpt["activations"]["kept"] == base["activations"]["checkpointed"] < base["activations"]["total"] / 3
@@ -243,7 +272,8 @@ def test_all_levers_train_on_real_sst2(compose_cfg: Compose, tmp_path: Path, mon
     monkeypatch.setattr(loralab.run.optim, "build_optimizer", capture_optimizer)
     monkeypatch.setattr(loralab.run.train, "save_trained", capture_model)
     cfg = compose_cfg(["memory=all", "task=sst2", "data.train_limit=64", "data.val_limit=64", "data.batch_size=16",
-                       "trainer.max_epochs=1", "optim.lr=1e-3", "trainer.log_every_n_steps=1"], root=tmp_path / "runs")
+                       "trainer.max_epochs=1", "optim.lr=1e-3", "trainer.log_every_n_steps=1",
+                       "trainer.precision=32-true"], root=tmp_path / "runs")  # the same run on any CPU
     value = loralab.run.train.run(cfg)
     r = read_results(run_dir(cfg))
     assert r is not None and r["status"] == "finished" and 0 <= value <= 1

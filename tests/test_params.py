@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -77,8 +78,11 @@ def test_baseline_counts(offline):
     assert bitfit["memory"]["activations"]["total"] < full["memory"]["activations"]["total"]
 
 
-def _saved_activation_bytes(model, batch) -> int:
-    """Bytes of the tensors autograd keeps for backward in one forward pass (parameters excluded)."""
+def _saved_activation_bytes(model, batch, precision: str = "32-true") -> int:
+    """Bytes of the tensors autograd keeps for backward in one forward pass (parameters excluded), under the autocast
+    Lightning runs the forward in for `precision` (bf16-mixed: its 16-bit copies of the weights count)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -87,30 +91,39 @@ def _saved_activation_bytes(model, batch) -> int:
         return t
 
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    autocast = MixedPrecision(precision, "cpu").forward_context() if precision.endswith("-mixed") else nullcontext()
+    with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(**batch)
     return sum(v for k, v in seen.items() if k not in params)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model=minilm", QV],
-    ["model=minilm", "lora.method=full"],
-    ["model=tiny-llama", "lora.target_modules=[q_proj,v_proj]"],
-    ["model=tiny-qwen", "lora.target_modules=[all-linear]", "lora.dropout=0"],
+@pytest.mark.parametrize("precision, overrides", [
+    ("32-true", ["model=minilm", QV]),
+    ("32-true", ["model=minilm", "lora.method=full"]),
+    ("32-true", ["model=tiny-llama", "lora.target_modules=[q_proj,v_proj]"]),
+    ("32-true", ["model=tiny-qwen", "lora.target_modules=[all-linear]", "lora.dropout=0"]),
+    # bf16 autocast (what `auto` picks on a CPU with native bf16; emulated, hence slower, elsewhere): fp32 stream,
+    # 16-bit matmul outputs, fp32 sdpa math path, and a bf16 copy of every weight a matmul reads.
+    ("bf16-mixed", ["model=minilm", QV]),
+    ("bf16-mixed", ["model=minilm", QV, "lora.dtype=bfloat16"]),
+    ("bf16-mixed", ["model=minilm", "lora.method=full"]),
+    ("bf16-mixed", ["model=tiny-qwen", "lora.target_modules=[all-linear]", "lora.dropout=0"]),
 ])
-def test_activation_estimate_matches_autograd(offline, overrides):
+def test_activation_estimate_matches_autograd(offline, precision, overrides):
+    """Pinned precision: the same numbers whether or not this CPU has native bf16."""
     from loralab.run.model import build_model
     from loralab.run.weights import load_tokenizer, resolve_model_path
 
     b, s = 4, 64
-    cfg = compose(["task=mrpc", "trainer.precision=32-true", f"data.batch_size={b}", f"data.max_length={s}",
+    cfg = compose(["task=mrpc", f"trainer.precision={precision}", f"data.batch_size={b}", f"data.max_length={s}",
                    *overrides])
     resolved = resolve_model_path(cfg.model.path)
     model = build_model(cfg, resolved, load_tokenizer(cfg.model, resolved))
     batch = {"input_ids": torch.randint(1000, 5000, (b, s)), "attention_mask": torch.ones(b, s, dtype=torch.long)}
-    real = _saved_activation_bytes(model, batch)
-    est = estimate(cfg)["memory"]["activations"]["total"]
-    assert 0.85 < est / real < 1.15, (est, real)
+    real = _saved_activation_bytes(model, batch, precision)
+    acts = estimate(cfg)["memory"]["activations"]
+    assert acts["precision"] == precision and acts["autocast"] is precision.endswith("-mixed")
+    assert 0.85 < acts["total"] / real < 1.15, (acts["total"], real)
 
 
 def test_quantized_and_8bit_optimizer_bytes(offline):

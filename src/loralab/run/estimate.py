@@ -16,9 +16,10 @@ is applied there by peft itself, so the counts are peft's own. Memory estimate, 
   Activation Recomputation in Large Transformer Models", sec. 4.1), generalized to GQA, gated MLPs, fused attention
   and frozen weights. b = batch, s = data.max_length (an upper bound: batches are padded dynamically), h = hidden,
   i = intermediate, a = heads, d_q = a * head_dim, d_kv = kv_heads * head_dim, e = bytes per activation
-  (4 in fp32, 2 under bf16/fp16), m = bytes per dropout mask (1 on GPU; on CPU torch keeps masks as floats, e).
+  (4 in fp32, 2 under bf16/fp16), f = bytes of the residual stream (e; 4 under autocast, see below), m = bytes per
+  dropout mask (1 on GPU; on CPU torch keeps masks as floats of the dropout input's dtype, e).
   b is the micro-batch, data.batch_size / data.grad_accum (gradient accumulation runs one micro-batch at a time):
-    2sbh e                       inputs of the two norms (full fine-tuning of RMSNorm models: 4sbh e)
+    2sbh f                       inputs of the two norms (full fine-tuning of RMSNorm models: 4sbh f)
     sb(d_q + 2 d_kv) e           Q, K, V kept by the attention kernel
     fused attention: sb d_q e    its output (flash / memory-efficient sdpa: no s^2 scores)
     else: a s^2 b (2e + m)       softmax output, attention-dropout mask and output (a s^2 b e without dropout)
@@ -28,15 +29,25 @@ is applied there by peft itself, so the counts are peft's own. Memory estimate, 
   (sbh), of the output projection (sb d_q; kept anyway by fused attention), of the up/gate projection (sbh) and of the
   down projection (sbi). Full fine-tuning keeps all four; LoRA keeps a group's input when one of its modules is adapted
   (lora dropout 0) or, with lora dropout, one dropped-out copy (e) and mask (m) per adapted module; plus each adapter's
-  s b r e intermediate. bf16 LoRA weights under fp32 training (lora.dtype=bfloat16): peft casts the LoRA input to
-  bf16, so the LoRA branch keeps its tensors at 2 B (and, with lora dropout 0, its own bf16 copy of the input per
-  adapted module). BitFit keeps none (bias gradients need no inputs); head-only training keeps no layer
-  activations. Plus 2sbh e for the embeddings. bitsandbytes int8 layers keep their input as an attribute of their
-  autograd node (`ctx.A`), so under int8 every group input is kept, as in full fine-tuning. Gradient checkpointing
-  (memory.gradient_checkpointing) keeps each layer's input (sbh e; under int8 also the o, up and down inputs) plus, at
-  the backward peak, one layer's recomputed activations and its gradients (CHECKPOINT_BACKWARD = 1.4 layers). Checked against tensors autograd really
-  saves for MiniLM and tiny Llama, and checkpointing against the live tensor peak (tests/test_params.py,
-  tests/test_memory_levers.py).
+  s b r e intermediate. Plus 2sbh f for the embeddings. bf16 LoRA weights under fp32 training (lora.dtype=bfloat16):
+  peft casts the LoRA input to bf16, so the LoRA branch keeps its tensors at 2 B (and, with lora dropout 0, its own
+  bf16 copy of the input per adapted module). BitFit keeps none (bias gradients need no inputs); head-only training
+  keeps no layer activations. bitsandbytes int8 layers keep their input as an attribute of their autograd node
+  (`ctx.A`), so under int8 every group input is kept, as in full fine-tuning. Gradient checkpointing
+  (memory.gradient_checkpointing) keeps each layer's input (sbh f; under int8 also the o, up and down inputs) plus, at
+  the backward peak, one layer's recomputed activations and its gradients (CHECKPOINT_BACKWARD = 1.4 layers).
+  Autocast (precision bf16-mixed / 16-mixed, resolved as the run resolves `auto`: what it picks on a CPU with native
+  bf16 or a GPU) keeps weights fp32 and runs matmuls in 16 bit, so it halves less than it seems (MiniLM + LoRA,
+  4 x 256 on CPU: 340 MB kept vs 360 MB in fp32). Matmul outputs and what follows them are 16-bit (e = 2: MLP
+  activations, hidden-dropout masks, attention output, the LoRA branch), but a 16-bit output plus an fp32 residual is
+  fp32, so the stream and the inputs of norms, q/k/v and up/gate stay fp32 (f = 4); each module casts such an fp32
+  input itself (full fine-tuning keeps one 16-bit copy per module; LoRA dropout masks the fp32 input, then the copy
+  is cast). sdpa's math path (CPU with attention dropout) computes 16-bit inputs in fp32: its Q, K, V, scores and
+  masks take 4 B. And autograd keeps the 16-bit copy of every fp32 weight a matmul reads (frozen ones too: their
+  input's gradient needs them), 2 B per linear, LoRA and head weight (not for bitsandbytes-quantized layers); under
+  full fine-tuning autocast's cache holds them all until the forward ends, a floor for the checkpointed peak.
+  Checked against tensors autograd really saves for MiniLM, tiny Llama and tiny Qwen in fp32 and under bf16 autocast,
+  and checkpointing against the live tensor peak (tests/test_params.py, tests/test_memory_levers.py).
 
 Not counted: the runtime itself (Python, torch and the other libraries, the tokenizer and data; several hundred MB of
 process memory on a CPU), autograd's temporaries in backward, and allocator slack. A run records this estimate
@@ -55,6 +66,7 @@ from torch import nn
 from ..config import Config
 from ..lightning.precision import resolve_precision
 from .model import _is_head, cast_adapter, count_params, mark_trainable, peft_config
+from .names import split_layer
 from .preflight import check_modules
 from .weights import skeleton
 
@@ -66,7 +78,6 @@ BNB_OPTIM_MIN_SIZE = 4096  # bitsandbytes keeps fp32 states for tensors smaller 
 # Checkpointed backward: the recomputed layer's activations plus the gradients flowing through it. The live-tensor
 # peak measured 1.1-1.45x one layer's activations (LoRA on MiniLM at several batch/length shapes, tiny Llama, tiny Qwen).
 CHECKPOINT_BACKWARD = 1.4
-LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|blocks)\.(\d+)\.")
 ROLES = (("qkv", re.compile(r"(query|key|value|[qkv]_proj|query_proj|key_proj|value_proj|qkv_proj|in_proj)$")),
          ("o", re.compile(r"(attention\.output\.dense|o_proj|out_proj)$")),
          ("up", re.compile(r"(intermediate\.dense|up_proj|gate_proj|fc1)$")),
@@ -91,11 +102,6 @@ def meta_model(cfg: Config) -> tuple[nn.Module, nn.Module, int]:
     return model, model.get_base_model(), base_total
 
 
-def _layer(name: str) -> int | None:
-    m = LAYER_INDEX.search(name)
-    return int(m.group(1)) if m else None
-
-
 def _role(name: str) -> str:
     return next((role for role, pattern in ROLES if pattern.search(name)), "other")
 
@@ -107,7 +113,7 @@ def adapted_modules(model: nn.Module) -> list[dict[str, Any]]:
         lora_a = getattr(module, "lora_A", None)
         if isinstance(lora_a, nn.ModuleDict) and "default" in lora_a:
             a = lora_a["default"]
-            out.append({"name": name, "layer": _layer(name), "role": _role(name),
+            out.append({"name": name, "layer": split_layer(name)[0], "role": _role(name),
                         "in": a.in_features, "out": module.lora_B["default"].out_features, "r": a.out_features})
     return out
 
@@ -118,7 +124,7 @@ def lora_param_counts(model: nn.Module) -> tuple[int, dict[int, int]]:
     for name, p in model.named_parameters():
         if "lora_" in name:
             total += p.numel()
-            layer = _layer(name)
+            layer = split_layer(name)[0]
             if layer is not None:
                 per_layer[layer] = per_layer.get(layer, 0) + p.numel()
     return total, dict(sorted(per_layer.items()))
@@ -190,61 +196,87 @@ def activation_bytes(cfg: Config, base: nn.Module, adapted: list[dict[str, Any]]
     d = _dims(base.config)
     precision = resolved_precision(cfg)
     gpu = str(cfg.trainer.get("accelerator", "auto")) in ("gpu", "cuda")
-    e = 2 if precision.startswith(("bf16", "16")) else 4
-    m = 1 if gpu else e
-    e_lora = 2 if cfg.lora.dtype == "bfloat16" else e  # peft runs the LoRA branch in the adapter weights' dtype
-    m_lora = 1 if gpu else e_lora
+    autocast = precision.endswith("-mixed")  # bf16-mixed / 16-mixed: fp32 weights, matmuls autocast to 16 bit
+    e = 2 if precision.startswith(("bf16", "16")) else 4  # what a matmul (and what follows it) produces
+    f = 4 if autocast else e  # the residual stream: a 16-bit output plus an fp32 residual is fp32
+
+    def mask(nbytes: int) -> int:  # CUDA keeps dropout masks as bool; CPU as floats of the dropout input's dtype
+        return 1 if gpu else nbytes
+
+    m = mask(e)
+    bf16_lora = cfg.lora.dtype == "bfloat16"
+    e_lora = 2 if bf16_lora else e  # peft runs the LoRA branch in the adapter's dtype; autocast in 16 bit anyway
     int8 = cfg.quant.mode == "int8"
     b = batch or cfg.data.batch_size // cfg.data.grad_accum
     s = seq_len or cfg.data.max_length
     gated = any(n.endswith("gate_proj") for n, _ in base.named_modules())
     rms_norm = any("RMSNorm" in type(mod).__name__ for mod in base.modules())
-    fused = bool(getattr(base, "_supports_sdpa", False)) and base.config.model_type != "deberta-v2" and (
-        gpu or d["p_attn"] == 0)
+    sdpa = bool(getattr(base, "_supports_sdpa", False)) and base.config.model_type != "deberta-v2"
+    fused = sdpa and (gpu or d["p_attn"] == 0)
+    e_attn = 4 if sdpa and not fused else e  # sdpa's math path computes 16-bit inputs in fp32
     method, p_lora = cfg.lora.method, cfg.lora.dropout
     sbh = s * b * d["h"]
     groups = {"qkv": sbh, "o": s * b * d["dq"], "up": sbh, "down": s * b * d["i"]}
-    per_layer = []
+    e_in = {"qkv": f, "o": e, "up": f, "down": e}  # q/k/v and up/gate read the stream, o and down a 16-bit output
+    # Autocast saves a 16-bit copy of every fp32 weight a matmul uses (frozen ones too: the weight's gradient is not
+    # needed, the input's is); a group's fp32 input is cast once per module that reads it.
+    heads = [*cfg.model.head_modules, "score"]
+    linears = [(n.removesuffix(".base_layer"), mod) for n, mod in base.named_modules()
+               if isinstance(mod, nn.Linear) and not {"lora_A", "lora_B"} & set(n.split("."))]
+    modules = {g: sum(_role(n) == g for n, _ in linears if not _is_head(n, heads)) / d["L"] for g in groups}
+    layer_copies = e * sum(mod.weight.numel() for n, mod in linears if not _is_head(n, heads)) // d["L"] if (
+        autocast and cfg.quant.mode == "none") else 0
+    head_copies = e * sum(mod.weight.numel() for n, mod in linears if _is_head(n, heads)) if autocast else 0
+    per_layer, copies = [], []
     for layer in range(d["L"]):
         if method == "head":
             per_layer.append(0)
+            copies.append(0)
             continue
-        el = 2 * sbh + s * b * (d["dq"] + 2 * d["dkv"]) + (3 if gated else 1) * s * b * d["i"]
+        el = 2 * sbh * f + (3 if gated else 1) * s * b * d["i"] * e
         if method == "full" and rms_norm:  # python RMSNorms also keep their normalized output for the weight's grad
-            el += 2 * sbh
-        masks = 2 * sbh if d["p_hidden"] > 0 else 0
+            el += 2 * sbh * f
+        el += 2 * sbh * m if d["p_hidden"] > 0 else 0
+        qkv = s * b * (d["dq"] + 2 * d["dkv"])
         if fused:
-            el += s * b * d["dq"]
+            el += (qkv + s * b * d["dq"]) * e
         else:
             scores = d["a"] * s * s * b
-            el += scores * (2 if d["p_attn"] > 0 else 1)
-            masks += scores if d["p_attn"] > 0 else 0
+            el += qkv * e_attn + scores * e_attn * (2 if d["p_attn"] > 0 else 1)
+            el += scores * mask(e_attn) if d["p_attn"] > 0 else 0
         mine = [x for x in adapted if x["layer"] == layer]
-        lora_bytes = 0
-        own_copy = e_lora != e  # the LoRA branch casts its input: a copy of its own per adapted module
+        copy = layer_copies + (e * sum(x["r"] * (x["in"] + x["out"]) for x in mine) if autocast and not bf16_lora
+                               else 0)
+        el += copy
         for group, size in groups.items():
             users = [x for x in mine if x["role"] == group]
-            kept_anyway = group == "o" and fused
-            if not kept_anyway and (method == "full" or int8 or (users and p_lora == 0 and not own_copy)):
-                el += size
+            if not (group == "o" and fused):  # else kept anyway as the fused kernel's output
+                if method == "full" and e_in[group] != e:
+                    el += modules[group] * size * e  # one 16-bit copy per module
+                elif method == "full" or int8 or (users and p_lora == 0 and e_in[group] == e_lora):
+                    el += size * e_in[group]
             for x in users:
-                lora_bytes += s * b * x["r"] * e_lora
-                if p_lora > 0:
-                    lora_bytes += size * (e_lora + m_lora)
-                elif own_copy:
-                    lora_bytes += size * e_lora
-        per_layer.append(el * e + masks * m + lora_bytes)
-    extra = 0 if method == "head" else 2 * sbh * e
+                el += s * b * x["r"] * e_lora
+                if p_lora > 0:  # the dropped-out copy and its mask (peft casts to bf16 LoRA before the dropout)
+                    el += size * (e_lora + mask(e_lora if bf16_lora else e_in[group]))
+                elif e_in[group] != e_lora:
+                    el += size * e_lora  # the LoRA branch's own copy of the input
+        per_layer.append(int(el))
+        copies.append(copy)
+    extra = 0 if method == "head" else 2 * sbh * f + head_copies
     total = sum(per_layer) + extra
     # int8 layers hold the inputs of o, up and down outside autograd's saved tensors: checkpointing keeps them too.
     held = d["L"] * (groups["o"] + groups["up"] + groups["down"]) * e if int8 else 0
-    checkpointed = (d["L"] * sbh * e + held + CHECKPOINT_BACKWARD * max(per_layer, default=0) + extra
+    # Autocast caches its copies of trainable weights until the forward ends: all layers' under full fine-tuning.
+    cached = sum(copies) if method == "full" else 0
+    checkpointed = (d["L"] * sbh * f + held + max(CHECKPOINT_BACKWARD * max(per_layer, default=0), cached) + extra
                     if method != "head" else 0)
     kept = checkpointed if cfg.memory.gradient_checkpointing else total
     return {"total": total, "checkpointed": checkpointed, "kept": kept, "per_layer": per_layer, "batch_size": b,
             "gradient_checkpointing": cfg.memory.gradient_checkpointing, "seq_len": s,
-            "precision": precision, "bytes_per_activation": e, "bytes_per_mask": m, "fused_attention": fused,
-            "gated_mlp": gated}
+            "precision": precision, "autocast": autocast, "bytes_per_activation": e, "bytes_per_mask": m,
+            "bytes_stream": f, "weight_copies": sum(copies) + (head_copies if method != "head" else 0),
+            "fused_attention": fused, "gated_mlp": gated}
 
 
 def weights_mode(cfg: Config) -> str:
