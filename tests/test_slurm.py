@@ -49,14 +49,15 @@ def slurm_cluster():
         subprocess.run(["bash", str(down)], capture_output=True, timeout=120, check=False)
 
 
-def _array_id(sweep: Path, deadline: float) -> str:
-    """The SLURM array's id, from submitit's folder for job 0 (`.submitit/<array>_0`)."""
-    while time.monotonic() < deadline:
+def _array_id(sweep: Path, deadline: float, proc: subprocess.Popen) -> str:
+    """The SLURM array's id, from submitit's folder for job 0 (`.submitit/<array>_0`); fails at once when the sweep
+    process ended without submitting."""
+    while time.monotonic() < deadline and proc.poll() is None:
         found = list((sweep / ".submitit").glob("*_0"))
         if found:
             return found[0].name.rsplit("_", 1)[0]
         time.sleep(0.2)
-    raise AssertionError("the sweep submitted no job array")
+    raise AssertionError(f"the sweep submitted no job array (sweep process exit code: {proc.poll()})")
 
 
 def _state(job: str) -> str:
@@ -116,7 +117,7 @@ def lost_jobs_sweep(slurm_cluster, tmp_path_factory: pytest.TempPathFactory, tok
         proc = subprocess.Popen(cmd, cwd=tmp, env=clean_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
     array = None
     try:
-        array = _array_id(sweep, deadline)
+        array = _array_id(sweep, deadline, proc)
         submitted = time.monotonic() - start
         # Jobs 0 and 1 running (SLURM has split them off the array), job 2 waiting for a core: cancel it.
         while [_state(f"{array}_{i}") for i in range(3)] != ["RUNNING", "RUNNING", "PENDING"]:

@@ -5,6 +5,7 @@ Every run here is a real `python train.py` subprocess on tiny real GLUE runs, as
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -257,18 +258,27 @@ def test_sweeps_started_together_never_share_a_folder(tmp_path: Path, token_cach
     assert sorted(bads) == [[-2, 0], [-1, 0]]
 
 
-def test_joblib_launcher_runs_jobs_in_parallel_into_one_sweep(tmp_path: Path, token_cache: Path) -> None:
+def test_jobs_per_gpu_launcher_pins_each_job_to_one_device(tmp_path: Path, token_cache: Path) -> None:
+    """`hydra/launcher=gpus` (joblib underneath, jobs in parallel into one sweep): with two devices and one job per
+    device, every job records the device it was given, both devices are used, and two jobs never share one."""
     store = tmp_path / "runs"
-    proc = launch(train_cmd("-m", "lora.r=2,4", *TINY, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                            f"store.root={store}", cache=token_cache), cwd=tmp_path)
+    proc = launch(train_cmd("-m", "lora.r=2,4,8", *TINY, "hydra/launcher=gpus", "hydra.launcher.gpus=[0,1]",
+                            "hydra.launcher.jobs_per_gpu=1", f"store.root={store}", cache=token_cache), cwd=tmp_path)
     assert proc.returncode == 0, tail(proc)
+    assert "2 GPU(s) 0,1 x 1 jobs each = 2 jobs at once" in proc.stdout, tail(proc)
     (sweep,) = sweep_folders(tmp_path)  # workers resolve the same folder as the launching process
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != ".hydra") == ["0", "1"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["0", "1", "2"]
     rows = read_summary(sweep)
-    assert sorted((r["status"], r["lora.r"]) for r in rows) == [("finished", "2"), ("finished", "4")]
-    runs = finished_runs(store)
-    assert sorted(r["config"]["lora"]["r"] for r in runs) == [2, 4]
-    assert all((sweep / job / "run" / "adapter").is_dir() for job in ("0", "1"))
+    assert sorted((r["status"], r["lora.r"]) for r in rows) == [("finished", "2"), ("finished", "4"), ("finished", "8")]
+    assert all((sweep / job / "run" / "adapter").is_dir() for job in ("0", "1", "2"))
+    spans = []
+    for folder, r in results_under(store).items():
+        device = r["hardware"]["cuda_visible_devices"]
+        spans.append((device, r["job_started_at"], (folder / "results.json").stat().st_mtime))
+    assert {d for d, _, _ in spans} == {"0", "1"}
+    for a, b in itertools.combinations(spans, 2):
+        if a[0] == b[0]:  # same device: one job ended before the other started
+            assert a[2] <= b[1] or b[2] <= a[1], spans
 
 
 # --- DDP inside runs and sweeps --------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def git_commit() -> Optional[str]:
 
 
 def hardware() -> dict[str, Any]:
-    """The machine a run used: CPU (as /proc/cpuinfo names it), cores, GPU and torch build."""
+    """The machine a run used: CPU (as /proc/cpuinfo names it), cores, torch build, GPU and the devices it was given."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -196,7 +196,8 @@ def hardware() -> dict[str, Any]:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+                            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
