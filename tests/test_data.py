@@ -179,6 +179,30 @@ def test_dynamic_padding_width(rte: Config, tokenizer, multiple: int) -> None:
         assert out["idx"].tolist() == enc.idx[batch].tolist()
 
 
+def test_length_buckets_pad_to_a_few_static_widths(rte: Config, tokenizer) -> None:
+    """data.length_buckets: each batch pads to the smallest bucket that fits, the last bucket being max_length."""
+    cfg = dataclasses.replace(rte.data, length_buckets=[32, 64])
+    assert cfg.padding_buckets() == [32, 64, 128]
+    enc = encode_split(tokenizer, rte.task, "validation", rte.data)
+    ds = PaddedBatches(enc, tokenizer.pad_token_id, 1, regression=False, buckets=cfg.padding_buckets())
+    widths = set()
+    for batch in LengthGroupedBatches(enc.lengths, 16, seed=0):
+        out, longest = ds[batch], int(enc.lengths[batch].max())
+        width = out["input_ids"].shape[1]
+        assert width == min(b for b in (32, 64, 128) if b >= longest)
+        assert out["attention_mask"].sum(1).tolist() == enc.lengths[batch].tolist()
+        widths.add(width)
+    assert widths <= {32, 64, 128} and len(widths) >= 2
+
+
+@pytest.mark.parametrize("buckets", ["[64,32]", "[0,32]", "[32,256]", "[]"])
+def test_bad_length_buckets_name_the_field(compose_cfg: Compose, buckets: str) -> None:
+    from loralab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.length_buckets=.*increasing padded lengths"):
+        compose_cfg([f"data.length_buckets={buckets}"])
+
+
 def test_regression_labels_are_float(compose_cfg: Compose, tokenizer) -> None:
     cfg = compose_cfg(["task=stsb"])
     enc = encode_split(tokenizer, cfg.task, "validation", cfg.data)

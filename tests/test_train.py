@@ -180,3 +180,48 @@ def test_cola_matthews(compose_cfg: Compose) -> None:
     assert r["main_metric"]["name"] == "matthews"
     assert set(r["metrics"]["best"]) == {"matthews", "accuracy"}
     assert_metric_range(r, ["matthews", "accuracy"])
+
+
+HANGING_STEP = """
+import sys, time
+from loralab.config import compose
+from loralab.lightning.callbacks import SigtermDeadline
+from loralab.run.module import GlueModule
+from loralab.run.train import run
+
+SigtermDeadline.grace_s = 2.0
+
+def hang(self, batch, batch_idx):  # a first step that never returns, as a torch.compile that hangs
+    print("first step", flush=True)
+    while True:
+        time.sleep(0.05)
+
+GlueModule.training_step = hang
+run(compose(sys.argv[1:]))
+"""
+
+
+def test_sigterm_ends_a_step_that_never_returns(tmp_path: Path, token_cache: Path) -> None:
+    """Lightning stops at the next batch boundary on SIGTERM; a step that never reaches one is interrupted after the
+    grace period, the run is recorded as interrupted and the process exits non-zero."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store = tmp_path / "runs"
+    cmd = [sys.executable, "-c", HANGING_STEP, "task=rte", "data.train_limit=32", "data.val_limit=16",
+           f"store.root={store}", f"data.cache_dir={token_cache}", "trainer.enable_progress_bar=false"]
+    with open(tmp_path / "log", "w") as log:
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 600
+        while "first step" not in (tmp_path / "log").read_text() and child.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        child.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        code = child.wait(timeout=60)
+    output = (tmp_path / "log").read_text()
+    assert code != 0 and time.monotonic() - sent < 30, output[-3000:]
+    (result,) = [json.loads(p.read_text()) for p in store.rglob("results.json")]
+    assert result["status"] == "failed" and result["error"].startswith("interrupted"), result["error"]

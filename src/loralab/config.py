@@ -126,10 +126,15 @@ class DataConfig:
     grad_accum: int = 1
     group_by_length: bool = True
     pad_to_multiple_of: int = 1
+    length_buckets: Optional[list[int]] = None
     num_workers: int = 0
     train_limit: Optional[int] = None
     val_limit: Optional[int] = None
     cache_dir: str = ".cache/loralab"
+
+    def padding_buckets(self) -> Optional[list[int]]:
+        """length_buckets closed by max_length (inputs are truncated to it), or None for dynamic padding."""
+        return None if self.length_buckets is None else sorted({*self.length_buckets, self.max_length})
 
 
 @dataclass
@@ -258,6 +263,11 @@ def validate(cfg: Config) -> Config:
         _positive(f"data.{name}", getattr(d, name))
     for name in ("train_limit", "val_limit"):
         _positive(f"data.{name}", getattr(d, name), allow_none=True)
+    if d.length_buckets is not None:
+        b = list(d.length_buckets)
+        if not b or b != sorted(set(b)) or b[0] < 1 or b[-1] > d.max_length:
+            raise config_error("data.length_buckets", b, f"list increasing padded lengths in 1..data.max_length "
+                                                         f"({d.max_length}), e.g. [16,32,64,{d.max_length}], or null")
     if d.num_workers < 0:
         raise config_error("data.num_workers", d.num_workers, "it must be >= 0")
     if d.batch_size % d.grad_accum:

@@ -30,6 +30,9 @@ NON_SEMANTIC = {
     "trainer": {"log_every_n_steps", "enable_progress_bar", "enable_model_summary", "num_sanity_val_steps",
                 "default_root_dir", "profiler", "barebones"},
 }
+# Fields added after run ids were first pinned: at this value they stay out of the run id, so every run made before
+# them keeps its id; set to anything else, they enter it.
+NEUTRAL = {"data": {"length_buckets": None}}
 PACKAGES = ("loralab", "torch", "lightning", "transformers", "peft", "datasets", "torchmetrics", "hydra-core",
             "bitsandbytes", "wandb", "numpy", "tokenizers")
 
@@ -45,6 +48,10 @@ def is_semantic(key: str) -> bool:
 
 def semantic_config(cfg: Config) -> dict[str, Any]:
     d = as_dict(cfg)
+    for key, defaults in NEUTRAL.items():
+        for f, value in defaults.items():
+            if d.get(key, {}).get(f, value) == value:
+                d.get(key, {}).pop(f, None)
     for key, fields in NON_SEMANTIC.items():
         if fields is None:
             d.pop(key, None)
@@ -147,17 +154,18 @@ def run_folder(path: str | Path) -> Optional[Path]:
     """The run folder `path` names: a store run folder (results.json), its adapter/, or a Hydra job folder that links
     to one; None when it is none of these."""
     path = Path(path).expanduser()
-    for cand in (path, path / RUN_LINK, path.parent if path.name == "adapter" else None):
-        if cand is not None and (cand / RESULTS).is_file() and cand.name != ".hydra":
+    for cand in (path, path.parent if path.name == "adapter" else None):
+        if cand is not None and (cand / RESULTS).is_file():
             return cand
-    return None
+    link = path / RUN_LINK
+    return link.resolve() if (link / RESULTS).is_file() else None
 
 
 def adapter_folder(path: str | Path) -> Optional[Path]:
     """The peft adapter folder named by `path`: the folder itself, a run folder's adapter/, or the adapter of the run
     a Hydra job folder links to (None: none of these)."""
     path = Path(path).expanduser()
-    for folder in (path, path / "adapter", path / RUN_LINK / "adapter"):
+    for folder in (path, path / "adapter", (path / RUN_LINK).resolve() / "adapter"):
         if all((folder / f).is_file() for f in ADAPTER_FILES):
             return folder
     return None
@@ -247,4 +255,8 @@ class RunRecord:
         return self._write({**self.base("finished"), **fields})
 
     def fail(self, error: BaseException, **fields: Any) -> dict[str, Any]:
-        return self._write({**self.base("failed"), "error": f"{type(error).__name__}: {error}", **fields})
+        text = f"{type(error).__name__}: {error}"
+        if isinstance(error, (KeyboardInterrupt, SystemExit)) or type(error).__name__ == "SIGTERMException":
+            text = (f"interrupted ({type(error).__name__}: SIGTERM, a time limit or Ctrl-C) before it finished; "
+                    f"relaunch it to resume from its last checkpoint")
+        return self._write({**self.base("failed"), "error": text, **fields})

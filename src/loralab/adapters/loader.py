@@ -25,10 +25,10 @@ from torch import nn
 
 from ..config import Config, compose, to_config
 from ..errors import ConfigError
-from ..lightning.precision import cpu_has_fast_bf16
+from ..lightning import precision
 from ..run.model import load_pretrained
 from ..run.weights import load_tokenizer, resolve_model_path
-from ..store import adapter_folder, read_results, run_folder
+from ..store import read_results, run_folder
 
 @dataclass
 class Source:
@@ -88,7 +88,7 @@ def resolve_source(path: str | Path, task: str | None = None) -> Source:
             raise ConfigError(f"source {str(given)!r} has no adapter/ folder (store.save_adapter was false); "
                               f"train it again with store.save_adapter=true")
         path = run
-    elif adapter_folder(given) == given:
+    elif (given / "adapter_config.json").is_file():
         results = None
         if task is None:
             raise ConfigError(f"--task is missing: source {str(given)!r} is a bare peft adapter, so name its GLUE "
@@ -131,10 +131,10 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def autocast_for(precision: str | None, device: torch.device):
+def autocast_for(run_precision: str | None, device: torch.device):
     """The run's mixed precision where this device runs it natively (so scores match training), else fp32."""
-    p = str(precision or "")
-    if p.startswith("bf16") and "mixed" in p and (device.type == "cuda" or cpu_has_fast_bf16()):
+    p = str(run_precision or "")
+    if p.startswith("bf16") and "mixed" in p and (device.type == "cuda" or precision.cpu_has_fast_bf16()):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if p.startswith("16") and "mixed" in p and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)

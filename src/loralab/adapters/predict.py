@@ -42,7 +42,7 @@ def predict_encoded(model: nn.Module, enc: Encoded, s: Source, tokenizer, batch_
     """Predictions in the order of `enc`, batched and padded exactly as in validation during training."""
     regression = s.cfg.task.is_regression
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = PaddedBatches(enc, pad, s.cfg.data.pad_to_multiple_of, regression)
+    batches = PaddedBatches(enc, pad, s.cfg.data.pad_to_multiple_of, regression, s.cfg.data.padding_buckets())
     out = np.zeros(len(enc), dtype=np.float32 if regression else np.int64)
     for rows in eval_batches(enc.lengths, batch_size):
         batch = batches[rows]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import Config, as_dict
-from ..store import flatten, run_id
+from ..store import flatten, is_semantic, run_id
 
 log = logging.getLogger("loralab")
 
@@ -46,10 +46,12 @@ def wandb_logger(cfg: Config, folder: Path):
 
     sweep, overrides = hydra_context()
     mode = wandb_mode(cfg)
-    shown = [o for o in overrides if not o.startswith(("store.", "logger", "hydra."))]
+    # The overrides that change what the run computes (the run id's keys), not where it keeps its files.
+    shown = [o for o in overrides
+             if not o.startswith(("logger", "hydra.")) and is_semantic(o.lstrip("+~").split("=")[0])]
     logger = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, save_dir=str(folder),
                          group=sweep or f"{cfg.task.name}-single", name=" ".join(shown) or run_id(cfg),
-                         tags=[o.lstrip("+~") for o in shown][:64], mode=mode, config=flatten(as_dict(cfg)),
+                         tags=[o.lstrip("+~")[:64] for o in shown][:64], mode=mode, config=flatten(as_dict(cfg)),
                          job_type="train")
     if mode == "offline":
         why = "logger.mode/WANDB_MODE" if (cfg.logger.mode or os.environ.get("WANDB_MODE")) else "no API key"

@@ -115,18 +115,29 @@ def subsample(enc: Encoded, limit: Optional[int], seed: int) -> Encoded:
     return enc.subset(keep)
 
 
-class PaddedBatches(Dataset):
-    """Indexed by a list of example indices; returns one dynamically padded batch."""
+def padded_width(longest: int, multiple: int = 1, buckets: Optional[list[int]] = None) -> int:
+    """The batch's padded length: the smallest bucket that fits (data.length_buckets; past the last, the longest
+    itself), else the longest rounded up to data.pad_to_multiple_of."""
+    for b in buckets or ():
+        if b >= longest:
+            return b
+    return int(-(-longest // multiple) * multiple)
 
-    def __init__(self, enc: Encoded, pad_id: int, pad_to_multiple_of: int, regression: bool):
+
+class PaddedBatches(Dataset):
+    """Indexed by a list of example indices; returns one padded batch (dynamic, or to a length bucket)."""
+
+    def __init__(self, enc: Encoded, pad_id: int, pad_to_multiple_of: int, regression: bool,
+                 buckets: Optional[list[int]] = None):
         self.enc, self.pad_id, self.multiple, self.regression = enc, pad_id, pad_to_multiple_of, regression
+        self.buckets = list(buckets) if buckets else None
 
     def __len__(self) -> int:
         return len(self.enc)
 
     def __getitem__(self, batch: list[int]) -> dict[str, torch.Tensor]:
         e, lengths = self.enc, self.enc.lengths[batch]
-        width = int(-(-lengths.max() // self.multiple) * self.multiple)
+        width = padded_width(int(lengths.max()), self.multiple, self.buckets)
         ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(batch), width), dtype=np.int64)
         types = np.zeros((len(batch), width), dtype=np.int64) if e.types is not None else None
@@ -215,7 +226,8 @@ class GlueDataModule(L.LightningDataModule):
 
     def _loader(self, enc: Encoded, sampler) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ds = PaddedBatches(enc, pad, self.cfg.pad_to_multiple_of, self.task.is_regression)
+        ds = PaddedBatches(enc, pad, self.cfg.pad_to_multiple_of, self.task.is_regression,
+                           self.cfg.padding_buckets())
         # Its own generator: starting an epoch's iterator must not draw from the global torch RNG, which seeds
         # dropout (a resumed run would otherwise see a shifted dropout stream and end differently).
         return DataLoader(ds, sampler=sampler, batch_size=None, num_workers=self.cfg.num_workers,

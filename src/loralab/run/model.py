@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..lightning.precision import cpu_has_fast_bf16
+from ..lightning import precision
 
 RESIDUAL_INITS = ("pissa", "olora")  # inits that leave a residual W - BA in the base layer
 
@@ -28,7 +28,7 @@ def compute_dtype(cfg: Config) -> torch.dtype:
     On a CPU without avx512_bf16/AMX, bf16 is emulated: an nf4 step took ~5x longer with bf16 than with fp32 compute.
     """
     name = cfg.quant.compute_dtype
-    fast_bf16 = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if on_gpu(cfg) else cpu_has_fast_bf16()
+    fast_bf16 = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if on_gpu(cfg) else precision.cpu_has_fast_bf16()
     if name == "auto":
         return torch.bfloat16 if fast_bf16 else torch.float32
     if name == "bfloat16" and not fast_bf16:

@@ -24,6 +24,10 @@ class GlueModule(L.LightningModule):
         self.history: list[dict[str, float]] = []
         self.best: Optional[dict[str, float]] = None
         self.first_loss: Optional[float] = None
+        # The training loss summed on the device since it was last read: reading it is a host sync, so it is read
+        # (logged, checked for divergence) every trainer.log_every_n_steps steps and at epoch ends, never per step.
+        self._loss_sum: Optional[torch.Tensor] = None
+        self._loss_steps = 0
         self.strict_loading = False  # checkpoints hold only the trained tensors; the frozen base reloads from disk
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -37,14 +41,27 @@ class GlueModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch), batch["labels"])
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch["labels"]))
-        # Checking finiteness forces a host sync, so only on logging steps (free on CPU, rare on GPU).
-        if self.trainer is not None and (self.global_step % self.trainer.log_every_n_steps == 0):
-            self._guard(loss)
+        self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
+        self._loss_steps += 1
+        if self.trainer is not None and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self._read_loss(log=True)  # the same steps Lightning writes its logs at
         return loss
 
+    def on_train_epoch_end(self) -> None:
+        self._read_loss(log=False)
+
+    def _read_loss(self, log: bool) -> None:
+        """Log and check the mean training loss since the last read (one host sync), then start a new sum."""
+        if self._loss_sum is None:
+            return
+        mean = self._loss_sum / self._loss_steps
+        self._loss_sum, self._loss_steps = None, 0
+        if log:
+            self.log("train/loss", mean, on_step=True, on_epoch=False, prog_bar=True)
+        self._guard(mean)
+
     def _guard(self, loss: torch.Tensor) -> None:
-        value = float(loss.detach())
+        value = float(loss)
         if self.first_loss is None:
             self.first_loss = value
         if not math.isfinite(value) or value > 100 * max(self.first_loss, 1.0):

@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import Config, as_dict, to_config
 from ..errors import ConfigError, RunBusy
-from ..lightning.callbacks import PeakMemory, Throughput, baseline_mb, memory_now_mb, peak_memory_mb, reset_peak_memory
+from ..lightning.callbacks import (PeakMemory, SigtermDeadline, Throughput, baseline_mb, memory_now_mb, peak_memory_mb,
+                                   reset_peak_memory)
 from ..lightning.checkpoint_io import SafetensorsCheckpointIO
 from ..lightning.ddp import ConfigHandoffDDP, handoff_strategy, is_rank_zero
 from ..lightning.precision import resolve_precision
@@ -50,9 +51,14 @@ def make_trainer(cfg: Config, folder: Path, throughput: Throughput, memory: Opti
     args: dict[str, Any] = dict(cfg.trainer)
     args["precision"] = resolve_precision(args.get("precision"), str(args.get("accelerator")))
     args["strategy"] = handoff_strategy(args.get("strategy", "auto"), cfg, folder)
-    return L.Trainer(default_root_dir=str(folder), logger=make_loggers(cfg, folder) or False,
-                     callbacks=[ckpt, throughput, *([memory] if memory else [])], plugins=[SafetensorsCheckpointIO()],
-                     use_distributed_sampler=False, **args)
+    callbacks = [ckpt, throughput, SigtermDeadline(), *([memory] if memory else [])]
+    if args.get("enable_progress_bar") is not False:
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        # Refreshing the bar reads the logged loss (a host sync): as often as the logs, not every step.
+        callbacks.append(TQDMProgressBar(refresh_rate=args.get("log_every_n_steps") or 50))
+    return L.Trainer(default_root_dir=str(folder), logger=make_loggers(cfg, folder) or False, callbacks=callbacks,
+                     plugins=[SafetensorsCheckpointIO()], use_distributed_sampler=False, **args)
 
 
 def estimate_fields(cfg: Config, batch: Optional[int] = None, seq_len: Optional[int] = None,
@@ -90,8 +96,8 @@ def train(cfg: Config, resolved: str, folder: Path) -> dict[str, Any]:
     reset_peak_memory()
     trainable, total = count_params(model)
     module = GlueModule(model, cfg)
-    if cfg.compile:
-        module.model.compile(dynamic=True)
+    if cfg.compile:  # static shapes with data.length_buckets: one compiled graph per bucket, no recompiles
+        module.model.compile(dynamic=cfg.data.length_buckets is None)
     throughput, memory = Throughput(), PeakMemory()
     trainer = make_trainer(cfg, folder, throughput, memory)
     last = folder / "checkpoints" / LAST_CKPT
