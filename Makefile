@@ -19,11 +19,12 @@ install:
 train:
 	$(BIN)/python train.py
 
+# Two workers, one test file each at a time (module fixtures are shared within a file): ~10 min on 2 cores.
 test:
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-full:
-	$(BIN)/python -m pytest -q -m "not gpu"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not gpu"
 
 bench:
 	$(BIN)/python benchmarks/run.py

@@ -2,7 +2,8 @@
 
 Sections: (a) training throughput, (b) accuracy parity after one SST-2 epoch, (c) per-job sweep overhead,
 (d) peak memory by method, (e) model FLOP utilization against the measured matmul peak, (f) adapters after
-training: inference latency merged vs unmerged, task switching by adapter swap vs merged-model reload.
+training: inference latency merged vs unmerged, task switching by adapter swap vs merged-model reload, (g) the
+host-bound step on a tiny model (benchmarks/host_bound.py), (h) the GPU section (benchmarks/gpu.py; needs CUDA).
 `python benchmarks/run.py --only a,e --reps 3` runs a subset; every table states the command that made it.
 """
 from __future__ import annotations
@@ -20,6 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from gpu import gpu_section  # noqa: E402
+from host_bound import host_bound  # noqa: E402
 PY = sys.executable
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
        "GLUE_DIR": os.environ.get("GLUE_DIR", str(ROOT.parent / "shared" / "glue"))}
@@ -260,7 +264,7 @@ def _write(out: Path, kept: dict[str, str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="a,b,c,d,e,f")
+    ap.add_argument("--only", default="a,b,c,d,e,f,g,h")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--slow-steps", type=int, default=40, help="steps for the pad-to-128 reference (16 samples/s)")
@@ -281,6 +285,8 @@ def main() -> None:
         "e": ("(e) Model FLOP utilization", lambda: utilization(args.steps)),
         "f": ("(f) Adapters after training: merged vs unmerged latency, adapter swap vs reload",
               lambda: adapters_after_training(30, args.reps)),
+        "g": ("(g) Host-bound step: loralab vs a plain PyTorch loop vs the Trainer on a tiny model", host_bound),
+        "h": ("(h) GPU: samples/s, GPU busy, jobs per GPU, RoBERTa-base shapes, QLoRA", gpu_section),
     }
     from loralab.store import git_commit
 
