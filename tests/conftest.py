@@ -58,3 +58,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The slowest files first: `make test` runs two xdist workers that take whole files (--dist loadfile) in collection
+# order, so the long ones start at once and overlap instead of ending the run on one worker.
+SLOW_FIRST = ("test_sweeps.py", "test_launchers.py", "test_train.py", "test_optuna_search.py", "test_slurm.py",
+              "test_reproduce.py", "test_analysis_wandb.py", "test_analysis_e2e.py", "test_predict.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: each file keeps its order

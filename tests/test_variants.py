@@ -197,11 +197,6 @@ def test_merge_matches_unmerged(batches, tmp_path, capsys):
     assert any(m.lora_B["default"].weight.abs().sum() > 0 for m in lora_layers(model))
     save_trained(model, cfg, tmp_path / "adapter")
     parser = cli.build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    if "merge" not in sub.choices:  # until cli.COMMAND_MODULES lists loralab.merge
-        from loralab.adapters import merge
-
-        merge.register(sub)
     args = parser.parse_args(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--task", "mrpc"])
     assert args.func(args) == 0
     merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()

@@ -1,7 +1,7 @@
 """The run store: run identity (hash of the semantic config), the only writer of results.json, run folders, provenance.
 
-A run lives at <store.root>/<task>/<run_id>; a Hydra job folder links to it (`run`). Every file loralab writes goes
-through `atomic_write`, so a reader or a crash never sees half a file.
+A run lives at <store.root>/<task>/<run_id>; a Hydra job folder links to it (`run`). What a run and a sweep record
+(results, checkpoints, summaries, caches) goes through `atomic_write`, so a reader or a crash never sees half a file.
 """
 from __future__ import annotations
 

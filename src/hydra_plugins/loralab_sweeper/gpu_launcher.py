@@ -22,13 +22,13 @@ from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 
 log = logging.getLogger("loralab.sweep")
 SLOTS = ".gpu_slots"
-_held: dict[str, Any] = {}  # this worker process's slot: {"file": open lock file, "gpu": id}
+_held: dict[str, Any] = {}  # this worker process's slot: {"dir": slots folder, "file": open lock file, "gpu": id}
 
 
 @dataclass
 class GpuLauncherConf(JobLibLauncherConf):
     _target_: str = "hydra_plugins.loralab_sweeper.gpu_launcher.LoralabGpuLauncher"
-    gpus: Optional[List[str]] = None  # GPU ids; null: CUDA_VISIBLE_DEVICES, else every GPU torch sees
+    gpus: Optional[List[str]] = None  # ids as CUDA_VISIBLE_DEVICES takes them; null: the visible ones, else all
     jobs_per_gpu: int = 1
 
 
@@ -47,8 +47,10 @@ def visible_gpus() -> list[str]:
 
 def claim_slot(slots_dir: Path, gpus: Sequence[str], jobs_per_gpu: int) -> str:
     """This worker's GPU: the first free slot, locked for the rest of the worker's life."""
-    if "gpu" in _held:
+    if _held.get("dir") == slots_dir:
         return _held["gpu"]
+    if "file" in _held:  # a worker reused by another sweep of this process: give up the old slot
+        _held.pop("file").close()
     slots_dir.mkdir(parents=True, exist_ok=True)
     for k in range(len(gpus) * jobs_per_gpu):
         fh = open(slots_dir / f"slot{k}.lock", "w")
@@ -57,7 +59,7 @@ def claim_slot(slots_dir: Path, gpus: Sequence[str], jobs_per_gpu: int) -> str:
         except BlockingIOError:
             fh.close()
             continue
-        _held.update(file=fh, gpu=str(gpus[k % len(gpus)]))
+        _held.update(dir=slots_dir, file=fh, gpu=str(gpus[k % len(gpus)]))
         return _held["gpu"]
     raise RuntimeError(f"all {len(gpus) * jobs_per_gpu} GPU slots in {slots_dir} are held: more workers than "
                        f"len(gpus) x jobs_per_gpu")
@@ -97,7 +99,7 @@ class LoralabGpuLauncher(JoblibLauncher):
         log.info("%d GPU(s) %s x %d jobs each = %d jobs at once", len(gpus), ",".join(gpus), self.jobs_per_gpu,
                  self.joblib["n_jobs"])
         task = self.task_function
-        slots = Path(str(self.config.hydra.sweep.dir)) / SLOTS
+        slots = Path(str(self.config.hydra.sweep.dir)).resolve() / SLOTS  # jobs may chdir into their folders
         self.task_function = PinnedTask(task, gpus, self.jobs_per_gpu, slots)
         try:
             return super().launch(job_overrides, initial_job_idx)

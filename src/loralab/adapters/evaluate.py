@@ -1,7 +1,7 @@
 """`loralab evaluate RUN`: re-score a saved adapter on its dev split with the `evaluate` library.
 
 An independent check of the in-training torchmetrics scores in results.json: the hub's `glue` metric when the hub
-is reachable, else the offline module shipped in loralab/metrics_glue/ (same outputs). Scored on the same
+is reachable, else the offline module shipped in loralab/adapters/metrics_glue/ (same outputs). Scored on the same
 subsample as in training (data.val_limit, seeded with the run's seed).
 """
 from __future__ import annotations

@@ -177,6 +177,12 @@ class SigtermDeadline(L.Callback):
         self._timer.daemon = True
         self._timer.start()
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
+    def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._disarm()  # the loop stopped (SIGTERM's own exception, or the interrupt): nothing is hanging any more
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._disarm()

@@ -43,7 +43,9 @@ class GlueModule(L.LightningModule):
         loss = self.loss(self(batch), batch["labels"])
         self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
         self._loss_steps += 1
-        if self.trainer is not None and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        last_micro_batch = (batch_idx + 1) % self.cfg.data.grad_accum == 0  # the optimizer step follows it
+        logs_now = self.trainer is not None and (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        if last_micro_batch and logs_now:
             self._read_loss(log=True)  # the same steps Lightning writes its logs at
         return loss
 

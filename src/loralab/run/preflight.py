@@ -85,8 +85,8 @@ def max_positions(conf) -> int | None:
 
 def check_positions(cfg: Config, conf) -> None:
     limit = max_positions(conf)
-    if limit is not None and cfg.data.max_length > limit and getattr(conf, "position_embedding_type", "absolute") in (
-            "absolute", None):
+    # Learned absolute positions (BERT, RoBERTa) have a table that ends; rotary and relative ones do not.
+    if limit is not None and cfg.data.max_length > limit and getattr(conf, "position_embedding_type", None) == "absolute":
         raise ConfigError(f"data.max_length={cfg.data.max_length} is invalid: {cfg.model.name} has {limit} positions "
                           f"(max_position_embeddings), so a longer input would crash mid-run; use "
                           f"data.max_length<={limit}")
