@@ -14,6 +14,7 @@ from sweep_helpers import (TINY, clean_env, launch, read_summary, results_under,
 pytestmark = needs_glue("rte")
 
 
+@pytest.mark.slow  # the same launcher code runs for real against the SLURM cluster in tests/test_slurm.py
 def test_submitit_local_sweep_writes_results_and_summary(tmp_path):
     sweep = tmp_path / "sweep"
     proc = launch(train_cmd("-m", "hydra/launcher=local_submitit", *TINY, "lora.r=2,4",
