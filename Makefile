@@ -19,7 +19,7 @@ install:
 train:
 	$(BIN)/python train.py
 
-# Two workers, one test file each at a time (module fixtures are shared within a file): ~10 min on 2 cores.
+# Two workers, one test file each at a time (module fixtures are shared within a file): 11-12 min on 2 cores.
 test:
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
