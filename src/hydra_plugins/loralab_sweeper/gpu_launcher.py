@@ -83,7 +83,8 @@ class LoralabGpuLauncher(JoblibLauncher):
     def __init__(self, gpus: Optional[List[Any]] = None, jobs_per_gpu: int = 1, **joblib: Any) -> None:
         super().__init__(**joblib)
         if jobs_per_gpu < 1:
-            raise ValueError(f"hydra.launcher.jobs_per_gpu={jobs_per_gpu} is invalid: it must be >= 1")
+            raise ValueError(f"hydra.launcher.jobs_per_gpu={jobs_per_gpu} is invalid: it is the number of jobs sharing "
+                             f"one GPU, at least 1; e.g. hydra.launcher.jobs_per_gpu=4")
         self.gpus = None if gpus is None else [str(g) for g in gpus]
         self.jobs_per_gpu = jobs_per_gpu
 

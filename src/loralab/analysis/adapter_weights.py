@@ -117,7 +117,8 @@ def load_adapter(source: str | Path, arg: str = "source") -> Adapter:
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     pairs = lora_pairs(state)
     if not pairs:
-        raise AnalysisError(f"{arg}: '{source}' contains no lora_A/lora_B weights.")
+        raise AnalysisError(f"{arg}: '{source}' contains no lora_A/lora_B weights; pass the folder of a LoRA run "
+                            f"(lora.method=lora) or of a peft LoRA adapter.")
     return Adapter(path=folder, config=config, pairs=pairs)
 
 

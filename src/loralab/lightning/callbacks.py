@@ -27,16 +27,21 @@ def release_memory() -> None:
         pass
 
 
-def memory_now_mb() -> dict[str, float]:
-    """What is in use now: the process's resident set size (VmRSS) and, with CUDA, GPU memory allocated."""
-    out = {"rss": 0.0, "cuda": torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0}
+def _proc_status_mb(key: str) -> Optional[float]:
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in MiB; None where there is no /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                out["rss"] = int(line.split()[1]) / 1024
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return out
+    return None
+
+
+def memory_now_mb() -> dict[str, float]:
+    """What is in use now: the process's resident set size (VmRSS) and, with CUDA, GPU memory allocated."""
+    return {"rss": _proc_status_mb("VmRSS") or 0.0,
+            "cuda": torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0}
 
 
 def baseline_mb(before: dict[str, float]) -> float:
@@ -59,12 +64,9 @@ def peak_memory_mb() -> float:
     """Peak GPU memory allocated when on CUDA, else the process's peak resident set size."""
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -11,7 +11,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..store import adapter_folder
 from .data import check_split
-from .weights import model_config, resolve_model_path, skeleton
+from .weights import resolve_model_path, skeleton
 
 # Models whose position ids start after the padding index (fairseq heritage): two positions are never usable.
 POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
@@ -105,6 +105,7 @@ def preflight(cfg: Config) -> str:
     resolved = resolve_model_path(cfg.model.path, cfg.model.revision)
     for split in ("train", *cfg.task.eval_splits):
         check_split(cfg.task, split, cfg.data.dir)
-    check_positions(cfg, model_config(cfg.model, cfg.task.num_labels, resolved))
-    check_modules(cfg, skeleton(cfg.model, cfg.task.num_labels, resolved))
+    model = skeleton(cfg.model, cfg.task.num_labels, resolved)  # its config is read once, here
+    check_positions(cfg, model.config)
+    check_modules(cfg, model)
     return resolved
