@@ -10,7 +10,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import loralab.config  # noqa: F401,E402  (registers the ${loralab.uid:} resolver used by conf/hydra)
-from loralab.errors import LoralabError, report  # noqa: E402
+from loralab.errors import Interrupted, LoralabError, report  # noqa: E402
 from loralab.run.train import run, sweeping  # noqa: E402
 
 
@@ -18,6 +18,9 @@ from loralab.run.train import run, sweeping  # noqa: E402
 def main(cfg: DictConfig):
     try:
         return run(cfg)
+    except Interrupted as e:  # a checkpoint was written: exit 128 + signal, the sweep stops (relaunch resumes)
+        print(f"train.py: {e}", file=sys.stderr)
+        raise
     except LoralabError as e:
         if sweeping():
             raise  # the sweeper records the job as failed and goes on with the others

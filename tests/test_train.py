@@ -185,11 +185,11 @@ def test_cola_matthews(compose_cfg: Compose) -> None:
 HANGING_STEP = """
 import sys, time
 from loralab.config import compose
-from loralab.lightning.callbacks import SigtermDeadline
+from loralab.lightning.interrupt import Interruption
 from loralab.run.module import GlueModule
 from loralab.run.train import run
 
-SigtermDeadline.grace_s = 2.0
+Interruption.grace_s = 2.0
 
 def hang(self, batch, batch_idx):  # a first step that never returns, as a torch.compile that hangs
     print("first step", flush=True)

@@ -36,6 +36,7 @@ class ModelConfig:
     arch: Optional[str] = "minilm"
     head_modules: list[str] = field(default_factory=lambda: ["classifier", "pooler"])
     trust_remote_code: bool = False
+    dropout: Optional[float] = None  # the base model's hidden/attention dropout; None keeps the checkpoint's
 
 
 @dataclass
@@ -220,6 +221,9 @@ def validate(cfg: Config) -> Config:
     if cfg.task.main_metric not in cfg.task.metric_keys():
         raise config_error("task.main_metric", cfg.task.main_metric, f"use one of {cfg.task.metric_keys()}")
     _one_of("model.family", cfg.model.family, ("encoder", "decoder"))
+    if cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1:
+        raise config_error("model.dropout", cfg.model.dropout, "dropout must lie in [0, 1), e.g. model.dropout=0.0, "
+                                                                "or null to keep the checkpoint's")
     lora = cfg.lora
     _one_of("lora.method", lora.method, METHODS)
     if lora.method == "lora" and lora.enabled:

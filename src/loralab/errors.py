@@ -27,8 +27,27 @@ class RunBusy(LoralabError, RuntimeError):
     """Another live process is training this very run (same config, same store)."""
 
 
+class DiskFull(LoralabError, OSError):
+    """A write found no space left; the message names the path, what it needed and what was free."""
+
+
 class DivergedError(RuntimeError):
     """Training loss became NaN/inf or exploded; the run stops early and is recorded as failed."""
+
+
+class Interrupted(SystemExit):
+    """A signal (SIGTERM, SIGUSR1, SLURM's time-limit warning) stopped training after a checkpoint was written.
+
+    A SystemExit on purpose: Hydra's job runner and submitit catch Exception only, so the process (a whole sweep, as
+    with Ctrl-C) ends with exit code 128 + signal, and a job submitit requeued ends without a result, as its protocol
+    wants. `str()` is the one-line report; relaunching resumes from the checkpoint."""
+
+    def __init__(self, message: str, signum: int, requeued: bool = False) -> None:
+        super().__init__(128 + signum)
+        self.message, self.signum, self.requeued = message, signum, requeued
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def config_error(field_name: str, value: Any, fix: str) -> ConfigError:

@@ -6,19 +6,24 @@ A run lives at <store.root>/<task>/<run_id>; a Hydra job folder links to it (`ru
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .config import Config, as_dict
-from .errors import RunBusy
+from .errors import DiskFull, Interrupted, RunBusy
+
+log = logging.getLogger("loralab")
 
 RESULTS = "results.json"
 RUN_LINK = "run"  # in each Hydra job folder: a link to the run's folder in the store
@@ -32,7 +37,8 @@ NON_SEMANTIC = {
 }
 # Fields added after run ids were first pinned: at this value they stay out of the run id, so every run made before
 # them keeps its id; set to anything else, they enter it.
-NEUTRAL = {"data": {"length_buckets": None}}
+NEUTRAL = {"data": {"length_buckets": None}, "model": {"dropout": None}}
+NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
 PACKAGES = ("loralab", "torch", "lightning", "transformers", "peft", "datasets", "torchmetrics", "hydra-core",
             "bitsandbytes", "wandb", "numpy", "tokenizers")
 
@@ -71,10 +77,11 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.store.root) / cfg.task.name / run_id(cfg)
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], Any], need_bytes: Optional[int] = None) -> Path:
     """`write(tmp)` fills a temporary sibling of `path` (file or folder), which then replaces `path` in one rename:
-    a reader, a concurrent job or a crash never sees half of it. The tmp name ends in path's own suffix (numpy and
-    safetensors writers keep it)."""
+    a reader, a concurrent job or a crash never sees half of it, and a full disk leaves the old `path` as it was
+    (DiskFull names the path, `need_bytes` when known, and the space that was free). The tmp name ends in path's
+    own suffix (numpy and safetensors writers keep it)."""
     import shutil
 
     path = Path(path)
@@ -83,17 +90,39 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or NO_SPACE in str(e):
+            raise disk_full(path, need_bytes) from e  # (safetensors reports ENOSPC as its own error, with this text)
         raise
     return path
 
 
+def disk_full(path: Path, need_bytes: Optional[int]) -> DiskFull:
+    import shutil
+
+    free = shutil.disk_usage(path.parent).free
+    need = f"about {need_bytes / 2**20:.1f} MiB" if need_bytes else "more space"
+    return DiskFull(f"no space left on the disk of {path}: writing it needs {need}, {free / 2**20:.1f} MiB are free. "
+                    f"Nothing written before was changed; free space there (or set store.root to a disk with room) "
+                    f"and relaunch: the run resumes from its last checkpoint")
+
+
+def set_aside(path: Path, reason: str, then: str) -> Path:
+    """Rename a damaged file out of the way (never delete it: it may still be worth a look) and say so in one line:
+    what is wrong, where it went, `then` (what happens next)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    os.replace(path, target)
+    log.warning("%s is damaged (%s); set aside as %s; %s", path, reason, target.name, then)
+    return target
+
+
 def write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(text), need_bytes=len(text.encode()))
 
 
 def write_json(path: Path, data: Any) -> Path:
@@ -104,9 +133,22 @@ def read_results(folder: Path) -> Optional[dict]:
     """A folder's results.json, or None when it has none (or one that does not parse)."""
     path = Path(folder) / RESULTS
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def results_damaged(folder: Path) -> Optional[str]:
+    """Why a folder's results.json does not parse (truncated, not JSON, not an object); None when it does or is absent."""
+    path = Path(folder) / RESULTS
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None if isinstance(data, dict) else f"a JSON {type(data).__name__}, not an object"
 
 
 def write_results(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
@@ -255,8 +297,17 @@ class RunRecord:
         return self._write({**self.base("finished"), **fields})
 
     def fail(self, error: BaseException, **fields: Any) -> dict[str, Any]:
+        """Record the failure. A record that cannot be written (the disk is full) is logged, never raised: the error
+        that ended the run is the one to report, and the results.json already there stays intact."""
         text = f"{type(error).__name__}: {error}"
-        if isinstance(error, (KeyboardInterrupt, SystemExit)) or type(error).__name__ == "SIGTERMException":
+        if isinstance(error, Interrupted):
+            text = str(error)
+        elif isinstance(error, (KeyboardInterrupt, SystemExit)) or type(error).__name__ == "SIGTERMException":
             text = (f"interrupted ({type(error).__name__}: SIGTERM, a time limit or Ctrl-C) before it finished; "
                     f"relaunch it to resume from its last checkpoint")
-        return self._write({**self.base("failed"), "error": text, **fields})
+        data = {**self.base("failed"), "error": text, **fields}
+        try:
+            return self._write(data)
+        except DiskFull as e:
+            log.error("could not record the failure of %s: %s", self.folder, e)
+            return data

@@ -1,12 +1,8 @@
 """Lightning callbacks for what a run records: training throughput and peak memory."""
 from __future__ import annotations
 
-import _thread
 import ctypes
 import gc
-import os
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -142,49 +138,3 @@ class Throughput(L.Callback):
     @property
     def steady_samples_per_s(self) -> float:
         return self.steady_samples / self.steady_seconds if self.steady_seconds else self.samples_per_s
-
-
-class SigtermDeadline(L.Callback):
-    """A SIGTERM ends the job. Lightning stops at the next batch boundary; a step that never reaches one (a
-    torch.compile that hangs, a stuck kernel) is interrupted after `grace_s` (KeyboardInterrupt: Lightning tears down
-    and exits 1), and the process is killed after twice that (exit 143) if even that does not return."""
-
-    grace_s = 30.0
-
-    def __init__(self) -> None:
-        self._timer: Optional[threading.Timer] = None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        previous = signal.getsignal(signal.SIGTERM)  # Lightning's own: it stops the loop at the next batch
-
-        def on_sigterm(signum, frame) -> None:
-            if callable(previous):
-                previous(signum, frame)
-            self._arm()
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-
-    def _arm(self) -> None:
-        if self._timer is not None:
-            return
-
-        def deadline() -> None:
-            _thread.interrupt_main()
-            time.sleep(self.grace_s)
-            os._exit(128 + signal.SIGTERM)
-
-        self._timer = threading.Timer(self.grace_s, deadline)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._disarm()  # the loop stopped (SIGTERM's own exception, or the interrupt): nothing is hanging any more
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        self._disarm()

@@ -170,9 +170,14 @@ class LengthGroupedBatches(Sampler[list[int]]):
                  rank: int = 0, world: int = 1, mega: int = 50, accum: int = 1):
         self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
         self.rank, self.world, self.mega, self.epoch, self.accum = rank, world, mega, 0, accum
+        self._resume: Optional[tuple[int, int]] = None  # (epoch, micro-batches already trained in it)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, done: int) -> None:
+        """The next pass over `epoch` skips its first `done` micro-batches (a run resumed mid-epoch)."""
+        self._resume = (epoch, done)
 
     def _batches(self) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -189,9 +194,13 @@ class LengthGroupedBatches(Sampler[list[int]]):
         return [batches[i] for i in order[:n]]
 
     def __iter__(self) -> Iterator[list[int]]:
-        for b in self._batches()[self.rank::self.world]:
-            for micro in np.array_split(b, self.accum):
-                yield micro.tolist()
+        skip = 0
+        if self._resume and self._resume[0] == self.epoch:  # not before: Lightning may iterate once before set_epoch
+            skip, self._resume = self._resume[1], None
+        micro = (m for b in self._batches()[self.rank::self.world] for m in np.array_split(b, self.accum))
+        for i, m in enumerate(micro):
+            if i >= skip:
+                yield m.tolist()
 
     def __len__(self) -> int:
         n = -(-len(self.lengths) // self.batch_size)
@@ -212,6 +221,7 @@ class GlueDataModule(L.LightningDataModule):
         self.task, self.cfg, self.tokenizer, self.seed = task, cfg, tokenizer, seed
         self.train: Optional[Encoded] = None
         self.evals: dict[str, Encoded] = {}
+        self._resume: Optional[tuple[int, int]] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train is None:
@@ -234,11 +244,24 @@ class GlueDataModule(L.LightningDataModule):
                           persistent_workers=self.cfg.num_workers > 0,
                           generator=torch.Generator().manual_seed(self.seed))
 
+    # The data position, in every checkpoint: the epoch and how many of its micro-batches were trained, read from the
+    # trainer's own progress counter (the loader's iterator runs ahead by its prefetch). Lightning restores a
+    # datamodule's state before it builds the loaders, so a run resumed mid-epoch sees exactly the rest of the epoch.
+    def state_dict(self) -> dict[str, int]:
+        t = self.trainer
+        return {"epoch": t.current_epoch, "done": int(t.fit_loop.epoch_loop.batch_progress.current.processed)} \
+            if t is not None else {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (state["epoch"], state["done"]) if state else None
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         sampler = LengthGroupedBatches(self.train.lengths, self.cfg.batch_size, self.seed,
                                        group=self.cfg.group_by_length, rank=rank, world=world,
                                        accum=self.cfg.grad_accum)
+        if self._resume:
+            sampler.resume(*self._resume)
         return self._loader(self.train, sampler)
 
     def val_dataloader(self) -> list[DataLoader]:

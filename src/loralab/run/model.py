@@ -70,6 +70,22 @@ def _is_head(name: str, heads: list[str]) -> bool:
     return any(part in heads for part in name.split("."))
 
 
+# The base model's dropout probabilities, by the names transformers configs give them (BERT/RoBERTa/DeBERTa: hidden and
+# attention; Llama/Qwen/Mistral: attention; GPT-2 style: resid/embd/attn). BERT's classifier dropout falls back to
+# hidden_dropout_prob when its own is null.
+DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "attention_dropout",
+                  "hidden_dropout", "dropout", "activation_dropout", "pooler_dropout", "resid_pdrop", "embd_pdrop",
+                  "attn_pdrop")
+
+
+def dropout_overrides(resolved: str, cfg: Config) -> dict[str, float]:
+    """model.dropout as from_pretrained overrides of every dropout field the checkpoint's config has."""
+    from .weights import model_config
+
+    conf = model_config(cfg.model, cfg.task.num_labels, resolved)
+    return {f: float(cfg.model.dropout) for f in DROPOUT_FIELDS if isinstance(getattr(conf, f, None), (int, float))}
+
+
 def load_pretrained(cfg: Config, resolved: str, tokenizer=None, gpu: int | None = None) -> nn.Module:
     """The pretrained classifier with the task's head size, in fp32, quantized as configured. `gpu`: the CUDA device
     that bitsandbytes quantizes onto while loading (quantized weights cannot be moved afterwards)."""
@@ -77,6 +93,8 @@ def load_pretrained(cfg: Config, resolved: str, tokenizer=None, gpu: int | None 
 
     quant = quantization_config(cfg)
     extra: dict[str, Any] = {"device_map": {"": gpu}} if quant is not None and gpu is not None else {}
+    if cfg.model.dropout is not None:
+        extra.update(dropout_overrides(resolved, cfg))
     model = AutoModelForSequenceClassification.from_pretrained(
         resolved, num_labels=cfg.task.num_labels, revision=cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code, quantization_config=quant, dtype=torch.float32, **extra)

@@ -24,6 +24,7 @@ class GlueModule(L.LightningModule):
         self.history: list[dict[str, float]] = []
         self.best: Optional[dict[str, float]] = None
         self.first_loss: Optional[float] = None
+        self.interruptions: list[dict[str, Any]] = []  # signals that stopped this run mid-way (kept across resumes)
         # The training loss summed on the device since it was last read: reading it is a host sync, so it is read
         # (logged, checked for divergence) every trainer.log_every_n_steps steps and at epoch ends, never per step.
         self._loss_sum: Optional[torch.Tensor] = None
@@ -96,12 +97,21 @@ class GlueModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trained = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
-        checkpoint["loralab"] = {"history": self.history, "best": self.best, "first_loss": self.first_loss}
+        # The RNG state: a run resumed mid-epoch draws the same dropout masks as one never stopped (at an epoch's
+        # start the generator is reseeded from (seed, epoch) anyway).
+        checkpoint["loralab"] = {"history": self.history, "best": self.best, "first_loss": self.first_loss,
+                                 "interruptions": self.interruptions, "rng": torch.get_rng_state(),
+                                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("loralab", {})
         self.history, self.best = list(state.get("history", [])), state.get("best")
         self.first_loss = state.get("first_loss")
+        self.interruptions = list(state.get("interruptions", []))
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def on_train_epoch_start(self) -> None:
         # Dropout draws depend only on (seed, epoch): a run resumed at an epoch boundary equals an uninterrupted one.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,12 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import Config, as_dict, to_config
 from ..errors import ConfigError, RunBusy
-from ..lightning.callbacks import (PeakMemory, SigtermDeadline, Throughput, baseline_mb, memory_now_mb, peak_memory_mb,
-                                   reset_peak_memory)
-from ..lightning.checkpoint_io import SafetensorsCheckpointIO
+from ..lightning.callbacks import PeakMemory, Throughput, baseline_mb, memory_now_mb, peak_memory_mb, reset_peak_memory
+from ..lightning.checkpoint_io import SafetensorsCheckpointIO, resume_point
+from ..lightning.interrupt import Interruption
 from ..lightning.ddp import ConfigHandoffDDP, handoff_strategy, is_rank_zero
 from ..lightning.precision import resolve_precision
-from ..store import RunRecord, link_job, read_results, record_invalid_job, run_dir, run_id, run_lock, write_json
+from ..store import (RESULTS, RunRecord, link_job, read_results, record_invalid_job, results_damaged, run_dir, run_id,
+                     run_lock, set_aside, write_json)
 from .data import GlueDataModule
 from .model import build_model, count_params, save_trained
 from .module import GlueModule
@@ -26,6 +28,8 @@ from .weights import load_tokenizer
 
 log = logging.getLogger("loralab")
 LAST_CKPT = "last.safetensors"
+# GlueDataModule carries the data position through checkpoints (its state_dict), which this warning does not know of.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def make_loggers(cfg: Config, folder: Path) -> list:
@@ -51,7 +55,7 @@ def make_trainer(cfg: Config, folder: Path, throughput: Throughput, memory: Opti
     args: dict[str, Any] = dict(cfg.trainer)
     args["precision"] = resolve_precision(args.get("precision"), str(args.get("accelerator")))
     args["strategy"] = handoff_strategy(args.get("strategy", "auto"), cfg, folder)
-    callbacks = [ckpt, throughput, SigtermDeadline(), *([memory] if memory else [])]
+    callbacks = [ckpt, throughput, Interruption(folder / "checkpoints" / LAST_CKPT), *([memory] if memory else [])]
     if args.get("enable_progress_bar") is not False:
         from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -100,10 +104,10 @@ def train(cfg: Config, resolved: str, folder: Path) -> dict[str, Any]:
         module.model.compile(dynamic=cfg.data.length_buckets is None)
     throughput, memory = Throughput(), PeakMemory()
     trainer = make_trainer(cfg, folder, throughput, memory)
-    last = folder / "checkpoints" / LAST_CKPT
-    resume = str(last) if cfg.store.resume and last.exists() else None
+    point = resume_point(folder / "checkpoints" / LAST_CKPT) if cfg.store.resume else None
+    resume = str(point) if point else None
     if resume:
-        log.info("resuming %s from %s", folder.name, last)
+        log.info("resuming %s from %s", folder.name, resume)
     start = time.perf_counter()
     ok = False
     try:
@@ -133,6 +137,7 @@ def train(cfg: Config, resolved: str, folder: Path) -> dict[str, Any]:
             "train_time_s": round(train_time, 2), "train_samples_per_s": round(throughput.samples_per_s, 2),
             "steady_samples_per_s": round(throughput.steady_samples_per_s, 2),
             "train_samples": throughput.samples, "train_tokens": throughput.tokens, "resumed_from": resume,
+            "interruptions": module.interruptions,
             "first_step_at": throughput.first_step_at, "peak_memory_mb": round(peak_mb, 1),
             "memory_baseline_mb": round(base_mb, 1), "train_peak_memory_mb": round(memory.train_peak_mb, 1),
             "measured_memory_mb": round(memory.train_peak_mb - base_mb, 1),
@@ -175,6 +180,9 @@ def run(raw: DictConfig | Config) -> Optional[float]:
     job = hydra_job_dir()
     if job is not None:
         link_job(job, folder)
+    damaged = results_damaged(folder) if is_rank_zero() else None
+    if damaged:
+        set_aside(folder / RESULTS, damaged, "training the run again (from its checkpoint, if one is good)")
     done = read_results(folder)
     if cfg.store.skip_finished and done and done.get("status") == "finished":
         log.info("skip %s: already finished (%s=%s)", folder, cfg.task.main_metric, done["main_metric"]["value"])
