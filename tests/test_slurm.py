@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import REPO, needs_glue
 from sweep_helpers import TIMEOUT_S, TINY, clean_env, read_summary, train_cmd
 
@@ -190,6 +191,75 @@ def test_relaunch_trains_only_the_lost_jobs(lost_jobs_sweep: dict[str, Any]) -> 
             for a in arrays for j in ("0", "1", "2")}
     assert "already finished" in logs["1"] and "dev accuracy" not in logs["1"]
     assert "dev accuracy" in logs["0"] and "dev accuracy" in logs["2"]
+
+
+# --- a time limit shorter than the run ---------------------------------------------------------------------------
+
+# ~80-100 s of training on one thread (40 steps per epoch): more than a 2-minute time limit leaves after start-up and
+# the warning. SLURM checks time limits every 30 s and sends the warning up to 30 s early, i.e. 60-90 s into each job
+# here (with a 1-minute limit it came 8 s in, during Python's start-up, before anything handles it). One thread for
+# the cluster job and the local reference alike: the same arithmetic, so the two can be compared bit for bit.
+LONG = ("task=rte", "data.train_limit=640", "data.batch_size=16", "data.val_limit=64", "trainer.max_epochs=2",
+        "optim.lr=1e-3")
+STEPS_PER_EPOCH = 40
+
+
+def _release_requeued(requeued: set[str]) -> None:
+    """SLURM holds a requeued batch job for ~2 minutes (Reason=BeginTime); start it now, as an admin could, to keep
+    the test short. The job still goes through SLURM's requeue and a fresh start."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i %r"], capture_output=True, text=True, check=False).stdout
+    for job, reason in (line.split(maxsplit=1) for line in out.splitlines() if line.strip()):
+        if reason.strip() == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, check=False)
+            requeued.add(job)
+
+
+def test_time_limit_requeues_the_job_which_resumes_mid_epoch_and_ends_as_if_never_stopped(
+        slurm_cluster, tmp_path: Path, token_cache: Path) -> None:
+    """timeout_min=2: SLURM warns the job (SIGUSR2, signal_delay_s before the limit), the run writes a mid-epoch
+    checkpoint, submitit requeues the job, and the requeued job resumes there; the run's history and adapter equal
+    those of the same run trained without a limit (here, at the same time, on the other core)."""
+    from safetensors.torch import load_file
+
+    env = clean_env(OMP_NUM_THREADS="1")
+    cmd = train_cmd("-m", "seed=0", *LONG, "hydra/launcher=slurm", "hydra.launcher.partition=debug",
+                    "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30",
+                    "hydra.launcher.max_num_timeout=30", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4",
+                    f"store.root={tmp_path / 'runs'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cache=token_cache)
+    start = time.monotonic()
+    with open(tmp_path / "sweep.log", "w") as out, open(tmp_path / "plain.log", "w") as plain_out:
+        sweep = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        plain = subprocess.Popen(train_cmd(*LONG, f"store.root={tmp_path / 'plain'}",
+                                           f"hydra.run.dir={tmp_path / 'plain_out'}", cache=token_cache),
+                                 cwd=tmp_path, env=env, stdout=plain_out, stderr=subprocess.STDOUT, text=True)
+        requeued: set[str] = set()
+        try:
+            deadline = time.monotonic() + TIMEOUT_S
+            while sweep.poll() is None and time.monotonic() < deadline:
+                _release_requeued(requeued)
+                time.sleep(1)
+            assert plain.wait(timeout=TIMEOUT_S) == 0, (tmp_path / "plain.log").read_text()[-3000:]
+            output = _wait(sweep, tmp_path / "sweep.log")
+        finally:
+            for proc in (sweep, plain):
+                if proc.poll() is None:
+                    proc.kill()
+    wall = time.monotonic() - start
+    assert sweep.returncode == 0, output[-3000:]
+    (run,) = [p.parent for p in (tmp_path / "runs").rglob("results.json")]
+    (ref,) = [p.parent for p in (tmp_path / "plain").rglob("results.json")]
+    got, want = (json.loads((f / "results.json").read_text()) for f in (run, ref))
+    stops = got["interruptions"]
+    print(f"\n[slurm] 2-minute time limit: {len(stops)} requeue(s) at steps {[i['step'] for i in stops]}, "
+          f"{got['global_steps']} steps, {wall:.0f} s")
+    assert got["status"] == "finished" and len(stops) >= 1, got.get("error")
+    assert all(i["signal"] == "SIGUSR2" for i in stops), stops  # SLURM's warning, as submitit asks for it
+    assert any(0 < i["batch"] < STEPS_PER_EPOCH for i in stops), stops  # at least one stop fell mid-epoch
+    assert got["resumed_from"] is not None
+    assert got["history"] == want["history"] and got["global_steps"] == want["global_steps"] == 2 * STEPS_PER_EPOCH
+    a, b = (load_file(str(f / "adapter" / "adapter_model.safetensors")) for f in (ref, run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert requeued, "SLURM never held a requeued job"  # submitit's `scontrol requeue` (its log is truncated then)
 
 
 # --- no cluster needed ------------------------------------------------------------------------------------------------
