@@ -5,7 +5,10 @@ Measured on one GPU, each as a real `train.py` job (SST-2, MiniLM + LoRA r=8 q,v
   length buckets (data.length_buckets) + torch.compile;
 - host syncs in 100 training steps (torch.cuda.set_sync_debug_mode("error") around steps 10..110);
 - a 4-run sweep one job at a time vs four jobs on the GPU (hydra/launcher=gpus jobs_per_gpu=4): wall time;
-- RoBERTa-base shapes (random weights) and QLoRA nf4 / int8: samples/s and training peak memory.
+- RoBERTa-base shapes (random weights) and QLoRA nf4 / int8: samples/s and training peak memory;
+- packed sweeps (issue 18): an 8-run MiniLM SST-2 sweep (rank x seed) trained one job at a time, 4 jobs per GPU, and
+  packed (hydra/launcher=packed, one process, one frozen base): wall time to all 8 results.json, GPU busy %, and each
+  packed run's dev accuracy against its solo twin (`packed_sweep()`).
 `python benchmarks/run.py --only h` (on the device machine: see ../shared/device/README.md).
 """
 from __future__ import annotations
@@ -125,7 +128,37 @@ def gpu_section() -> str:
              "", f"{torch.cuda.get_device_name(0)}; {STEPS} steps per run (wall times include start-up and "
              f"validation); 4 jobs at once = {t_one / t_four:.2f}x one at a time. Host syncs: {host_syncs()}."]
     assert len(one) == len(four) == 4, (len(one), len(four))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + packed_sweep()
+
+
+# Issue 18's sweep: 4 ranks x 2 seeds, each run PACKED_STEPS steps of SST-2 (batch 32, bf16-mixed).
+PACKED_SWEEP = ["lora.r=4,8,16,32", "seed=0,1"]
+PACKED_STEPS = 2000
+
+
+def packed_sweep() -> str:
+    """The 8-run sweep three ways, each into its own store: one job at a time (hydra/launcher=gpus jobs_per_gpu=1),
+    4 jobs on the GPU at once, and packed (hydra/launcher=packed, pack_size 8): wall time to all 8 results.json, mean
+    GPU busy %, and the largest gap between a packed run's dev accuracy and the same config's solo run."""
+    rows = ["| 8-run sweep (4 ranks x 2 seeds) | wall s | speed-up vs one at a time | GPU busy % |",
+            "|---|---|---|---|"]
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = [*PACKED_SWEEP, f"trainer.max_steps={PACKED_STEPS}"]
+        ways = (("one job at a time", ["hydra/launcher=gpus", "hydra.launcher.jobs_per_gpu=1"]),
+                ("4 jobs per GPU", ["hydra/launcher=gpus", "hydra.launcher.jobs_per_gpu=4"]),
+                ("packed (one process, pack_size=8)", ["hydra/launcher=packed", "hydra.launcher.pack_size=8"]))
+        times = {}
+        for i, (name, extra) in enumerate(ways):
+            runs[name], times[name], busy = train([*base, *extra], Path(tmp) / f"sweep{i}", multirun=True)
+            assert len(runs[name]) == 8, (name, len(runs[name]))
+            rows.append(f"| {name} | {times[name]:.0f} | {times['one job at a time'] / times[name]:.2f}x | {busy:.0f} |")
+    solo = {r["run_id"]: r["main_metric"]["value"] for r in runs["one job at a time"]}
+    gaps = [abs(r["main_metric"]["value"] - solo[r["run_id"]]) for r in runs["packed (one process, pack_size=8)"]]
+    return ("\n".join(rows) + f"\n\nDev accuracy, packed vs the same run solo: largest gap {max(gaps):.4f}, mean "
+            f"{statistics.mean(gaps):.4f} (seed noise of this job: FACTS.md). Command of the packed sweep: `python "
+            f"train.py -m {' '.join(PACKED_SWEEP)} task=sst2 trainer=gpu trainer.max_steps={PACKED_STEPS} "
+            f"hydra/launcher=packed hydra.launcher.pack_size=8`.\n")
 
 
 if __name__ == "__main__":

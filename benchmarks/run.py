@@ -3,7 +3,8 @@
 Sections: (a) training throughput, (b) accuracy parity after one SST-2 epoch, (c) per-job sweep overhead,
 (d) peak memory by method, (e) model FLOP utilization against the measured matmul peak, (f) adapters after
 training: inference latency merged vs unmerged, task switching by adapter swap vs merged-model reload, (g) the
-host-bound step on a tiny model (benchmarks/host_bound.py), (h) the GPU section (benchmarks/gpu.py; needs CUDA).
+host-bound step on a tiny model (benchmarks/host_bound.py), (h) the GPU section (benchmarks/gpu.py; needs CUDA), (i) packed
+sweeps on the tiny model: packs of 1, 4, 8 runs vs solo (benchmarks/packed.py).
 `python benchmarks/run.py --only a,e --reps 3` runs a subset; every table states the command that made it.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from gpu import gpu_section  # noqa: E402
 from host_bound import host_bound  # noqa: E402
+from packed import packed_section  # noqa: E402
 PY = sys.executable
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
        "GLUE_DIR": os.environ.get("GLUE_DIR", str(ROOT.parent / "shared" / "glue"))}
@@ -264,7 +266,7 @@ def _write(out: Path, kept: dict[str, str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="a,b,c,d,e,f,g,h")
+    ap.add_argument("--only", default="a,b,c,d,e,f,g,h,i")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--slow-steps", type=int, default=40, help="steps for the pad-to-128 reference (16 samples/s)")
@@ -287,6 +289,8 @@ def main() -> None:
               lambda: adapters_after_training(30, args.reps)),
         "g": ("(g) Host-bound step: loralab vs a plain PyTorch loop vs the Trainer on a tiny model", host_bound),
         "h": ("(h) GPU: samples/s, GPU busy, jobs per GPU, RoBERTa-base shapes, QLoRA", gpu_section),
+        "i": ("(i) Packed sweeps: packs of 1, 4 and 8 runs vs solo on the tiny model (host-bound regime)",
+              lambda: packed_section(reps=args.reps)),
     }
     from loralab.store import git_commit
 
