@@ -62,7 +62,8 @@ def one_torch_thread():
 
 # The slowest files first: `make test` runs two xdist workers that take whole files (--dist loadfile) in collection
 # order, so the long ones start at once and overlap instead of ending the run on one worker.
-SLOW_FIRST = ("test_sweeps.py", "test_launchers.py", "test_train.py", "test_optuna_search.py", "test_slurm.py",
+SLOW_FIRST = ("test_slurm.py", "test_sweeps.py", "test_faults.py", "test_launchers.py", "test_train.py", "test_packed.py",
+              "test_optuna_search.py",
               "test_reproduce.py", "test_analysis_wandb.py", "test_analysis_e2e.py", "test_predict.py")
 
 

@@ -144,6 +144,7 @@ RESUME = ("task=rte", "data.train_limit=64", "data.batch_size=16", "data.val_lim
           "optim.lr=2e-3")
 
 
+@pytest.mark.slow  # by default tests/test_faults.py resumes epoch-end and mid-epoch checkpoints bit for bit
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, token_cache: Path) -> None:
     """SIGKILL after the first epoch's checkpoint; the relaunch resumes and ends bit-identical to a run never killed."""
     plain = launch(train_cmd(*RESUME, f"store.root={tmp_path / 'a'}", f"hydra.run.dir={tmp_path / 'out_a'}",
