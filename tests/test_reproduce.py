@@ -14,28 +14,52 @@ from loralab.store import run_id
 
 from conftest import needs_glue
 
-TRAIN_LIMITS = {"sst2": 4000, "mrpc": 2000, "cola": 4000, "rte": 1500, "stsb": 3000}
+SHORT_LIMITS = {"sst2": 4000, "mrpc": 2000, "cola": 4000, "rte": 1500, "stsb": 3000}  # the short schedule (QLoRA)
 HALF_LIMITS = {"sst2": 2000, "stsb": 1500}  # Tables 5, 6 and the figures
+CONVERGED = {"sst2": (2, 20000), "mrpc": (10, None), "cola": (10, None), "rte": (10, None), "stsb": (6, None)}
 
 
-@pytest.mark.parametrize(("name", "runs"), [("table2", 45), ("table6", 30), ("table5", 7), ("figures", 4), ("qlora", 6)])
+@pytest.mark.parametrize(("name", "runs"), [("search", 30), ("table2", 60), ("table6", 30), ("table5", 7),
+                                            ("figures", 4), ("qlora", 6)])
 def test_each_part_composes_to_distinct_runs_on_the_stated_schedule(name: str, runs: int, tmp_path: Path) -> None:
     ids, methods, targets = set(), set(), set()
     for sweep in PARTS[name].sweeps:
         for job in sweep.jobs():
             cfg = compose([*job, f"store.root={tmp_path}"])
-            limits = TRAIN_LIMITS if name in ("table2", "qlora") else HALF_LIMITS
-            assert cfg.trainer["max_epochs"] == 2 and cfg.data.train_limit == limits[cfg.task.name]
+            epochs = cfg.trainer["max_epochs"]
+            if name in ("search", "table2"):  # full train splits (SST-2: 20,000), each task's epochs
+                assert (epochs, cfg.data.train_limit) == CONVERGED[cfg.task.name]
+            else:
+                limits = SHORT_LIMITS if name == "qlora" else HALF_LIMITS
+                assert epochs == 2 and cfg.data.train_limit == limits[cfg.task.name]
             assert cfg.model.name == "minilm"
             ids.add(run_id(cfg))
             methods.add((cfg.lora.method, cfg.optim.lr))
             targets.add((tuple(cfg.lora.target_modules), cfg.lora.r))
     assert len(ids) == runs
     if name == "table2":
-        assert {m for m, _ in methods} == {"lora", "full", "head"}
-        assert ("full", 5e-5) in methods
+        assert {m for m, _ in methods} == {"lora", "full", "bitfit", "head"}
+        assert all(lr < 1e-4 for m, lr in methods if m == "full")
     if name == "table5":  # equal budget: r * (number of weight types) is 8 for every cell
         assert {r * len(t) for t, r in targets} == {8}
+
+
+def test_the_searches_seed_0_runs_are_table_2s() -> None:
+    """Table 2's seed-0 run of a task is the search's trial at the learning rate the experiment records: the run
+    store trains it once."""
+    def ids(part: str) -> set[str]:
+        return {run_id(compose([*job, "store.root=x"])) for s in PARTS[part].sweeps for job in s.jobs()
+                if "seed=1" not in job and "seed=2" not in job}
+
+    search, table2 = ids("search"), ids("table2")
+    assert len(table2) == 20 and len(search & table2) == 10  # lora and full: 5 tasks each; bitfit, head not searched
+
+
+def test_a_search_hands_its_learning_rates_to_optunas_grid() -> None:
+    (sweep,) = [s for s in PARTS["search"].sweeps if s.name == "lora_mrpc"]
+    assert sweep.overrides() == ["+experiment=repro_minilm", "hparams_search=repro_lr", "task=mrpc",
+                                 "hydra.sweeper.params.optim.lr=choice(5e-4,1e-3,2e-3)"]
+    assert len(sweep.jobs()) == 3
 
 
 def test_splice_rewrites_only_its_block() -> None:

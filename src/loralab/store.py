@@ -294,7 +294,7 @@ class RunRecord:
         self._write(self.base("running"))
 
     def finish(self, **fields: Any) -> dict[str, Any]:
-        return self._write({**self.base("finished"), **fields})
+        return self._write({**self.base("finished"), **fields, "finished_at": time.time()})
 
     def fail(self, error: BaseException, **fields: Any) -> dict[str, Any]:
         """Record the failure. A record that cannot be written (the disk is full) is logged, never raised: the error

@@ -1,10 +1,11 @@
 """REPRODUCTION.md's runs, tables and figures, made with the project's own commands (`loralab reproduce`).
 
-Each part is one or more `train.py -m` sweeps over conf/experiment/repro_minilm.yaml (content-addressed run
-folders under runs/reproduction/<store>/, so a rerun skips finished runs and resumes interrupted ones) followed
-by the analyses behind `loralab table | similarity | amplification`. Their outputs land in docs/reproduction/
-and the generated blocks of REPRODUCTION.md (between `<!-- reproduce:NAME -->` markers) are rewritten in place;
-the prose around them is never touched.
+Each part is one or more `train.py -m` sweeps over conf/experiment/repro_minilm*.yaml followed by the analyses
+behind `loralab table | similarity | amplification`. The runs are kept in the repository as data
+(docs/reproduction/runs/<store>/<task>/<run_id>/results.json, content-addressed: a run finished once is never
+trained again, on any machine; checkpoints and most adapters stay local, see .gitignore), so `--analysis-only`
+rebuilds every table and figure from them. Outputs land in docs/reproduction/ and the generated blocks of
+REPRODUCTION.md (between `<!-- reproduce:NAME -->` markers) are rewritten in place; the prose is never touched.
 """
 from __future__ import annotations
 
@@ -19,30 +20,41 @@ from typing import Any
 
 from ..config import CONF_DIR
 from ..errors import ConfigError
-from ..store import RESULTS, hardware_text, write_text
+from ..store import RESULTS, hardware_text, read_results, write_text
 from ..sweep.collect import read_all
+from ..tasks import TASKS as TASK_TABLE
 from .reports import SimilarityReport, write_amplification, write_similarity, write_table
 
-EXPERIMENT = "+experiment=repro_minilm"
+CONVERGED, FULL, SHORT = "repro_minilm", "repro_minilm_full", "repro_minilm_short"  # conf/experiment/
 TASKS = "sst2,mrpc,cola,rte,stsb"
 SEEDS = "0,1,2"
+LRS = {CONVERGED: "5e-4,1e-3,2e-3", FULL: "2e-5,5e-5,1e-4"}  # the learning-rate grid each search tries (seed 0)
 Q, QV, QKVO = "[query]", "[query,value]", "[query,key,value,attention.output.dense]"
 MIDDLE_LAYER = 3  # of MiniLM-L6's layers 0-5
-HALF = {"sst2": "2000", "stsb": "1500"}  # training examples per cell of Tables 5 and 6 (Table 2: 4000, 3000)
+HALF = {"sst2": "2000", "stsb": "1500"}  # training examples per cell of Tables 5 and 6 (short schedule)
 FIGURE_RUN = {"task": "sst2", "data.train_limit": HALF["sst2"], "lora.target_modules": QV}
 REPO = CONF_DIR.parent
 
 
 @dataclass(frozen=True)
 class Sweep:
-    """One `train.py -m` call: `axes` maps an override key to Hydra sweep values; runs go to <root>/<store>/."""
+    """One `train.py -m` call over `+experiment=<experiment>`: `axes` maps an override key to Hydra sweep values;
+    runs go to <root>/<store>/. A search sweep hands its `optim.lr` axis to Optuna's grid (`hparams_search=repro_lr`)
+    instead of Hydra's grid: the same runs, plus the study's record (trials.csv, best_trial.json)."""
 
     name: str
     axes: dict[str, str]
     store: str
+    experiment: str = CONVERGED
+    search: bool = False
 
     def overrides(self) -> list[str]:
-        return [EXPERIMENT, *(f"{k}={v}" for k, v in self.axes.items())]
+        head = [f"+experiment={self.experiment}"]
+        if self.search:
+            grid = {k: v for k, v in self.axes.items() if k != "optim.lr"}
+            return [*head, "hparams_search=repro_lr", *(f"{k}={v}" for k, v in grid.items()),
+                    f"hydra.sweeper.params.optim.lr=choice({self.axes['optim.lr']})"]
+        return [*head, *(f"{k}={v}" for k, v in self.axes.items())]
 
     def jobs(self) -> list[list[str]]:
         """The overrides of every job of this sweep (Hydra's own parser expands the values)."""
@@ -50,7 +62,7 @@ class Sweep:
 
         keys = list(self.axes)
         grids = [[f"{k}={_as_override(v)}" for v in sweep_values(k, self.axes[k])] for k in keys]
-        return [[EXPERIMENT, *combo] for combo in itertools.product(*grids)]
+        return [[f"+experiment={self.experiment}", *combo] for combo in itertools.product(*grids)]
 
 
 def _as_override(value: object) -> str:
@@ -63,45 +75,56 @@ def _as_override(value: object) -> str:
 class Part:
     title: str
     sweeps: tuple[Sweep, ...]
-    table: dict[str, Any] | None = None  # `write_table` arguments for this part's store (None: the figures)
+    table: dict[str, Any] | None = None  # `write_table` arguments for this part's store (None: its own analysis)
     stores: tuple[str, ...] = field(default=())  # run stores its compute is counted from (default: its sweeps')
 
 
+def _searches() -> tuple[Sweep, ...]:
+    return tuple(Sweep(f"{method}_{task}", {"task": task, "optim.lr": LRS[experiment]}, "table2", experiment, True)
+                 for method, experiment in (("lora", CONVERGED), ("full", FULL)) for task in TASKS.split(","))
+
+
 PARTS: dict[str, Part] = {
+    "search": Part(
+        "Learning rates: a grid on seed 0 per task and method (its runs are Table 2's seed-0 runs), "
+        "the best epoch of each",
+        _searches(),
+    ),
     "table2": Part(
-        "Table 2: full fine-tuning vs LoRA (r=8, q,v) vs head only, median of 3 seeds",
+        "Table 2: full fine-tuning vs LoRA (r=8, q,v) vs BitFit vs head only, median of 3 seeds",
         (
             Sweep("lora", {"task": TASKS, "seed": SEEDS}, "table2"),
-            Sweep("full", {"task": TASKS, "seed": SEEDS, "lora": "full", "optim.lr": "5e-5"}, "table2"),
+            Sweep("full", {"task": TASKS, "seed": SEEDS}, "table2", FULL),
+            Sweep("bitfit", {"task": TASKS, "seed": SEEDS, "lora": "bitfit"}, "table2"),
             Sweep("head", {"task": TASKS, "seed": SEEDS, "lora": "head"}, "table2"),
         ),
         table={"layout": "table2"},
     ),
-    # Tables 5, 6, 7 and the figures train one seed per cell on half of Table 2's training subset (2 epochs each).
+    # Tables 5, 6, 7 and the figures: still the short schedule (one seed per cell, half of its subsets, 2 epochs).
     "table6": Part(
-        "Table 6: rank r x weight types, seed 0, half of Table 2's training subset",
+        "Table 6: rank r x weight types, seed 0, short schedule (half of its training subset, 2 epochs)",
         tuple(Sweep(task, {"task": task, "data.train_limit": HALF[task], "lora.r": "1,2,4,8,64",
-                           "lora.target_modules": f"{Q},{QV},{QKVO}"}, "table6") for task in HALF),
+                           "lora.target_modules": f"{Q},{QV},{QKVO}"}, "table6", SHORT) for task in HALF),
         table={"layout": "table6"},
     ),
     "table5": Part(
-        "Table 5: weight types at an equal parameter budget, seed 0, half of Table 2's SST-2 subset",
+        "Table 5: weight types at an equal parameter budget, seed 0, short schedule on 2,000 SST-2 examples",
         (Sweep("budget", {"task": "sst2", "data.train_limit": HALF["sst2"], "lora": ",".join(
-            f"budget/{b}" for b in ("q_r8", "k_r8", "v_r8", "o_r8", "qk_r4", "qv_r4", "qkvo_r2"))}, "table5"),),
+            f"budget/{b}" for b in ("q_r8", "k_r8", "v_r8", "o_r8", "qk_r4", "qv_r4", "qkvo_r2"))}, "table5", SHORT),),
         table={"layout": "table5"},
     ),
     "figures": Part(
         "Figures 3 and 4 (subspace similarity) and Table 7 (amplification): SST-2 q,v adapters of Table 6",
         (
             # r=4, 8, 64 at seed 0 are Table 6's runs (skipped when that part ran); the second r=64 seed is new.
-            Sweep("table6_runs", {**FIGURE_RUN, "lora.r": "4,8,64"}, "table6"),
-            Sweep("r64_seed1", {**FIGURE_RUN, "lora.r": "64", "seed": "1"}, "figures"),
+            Sweep("table6_runs", {**FIGURE_RUN, "lora.r": "4,8,64"}, "table6", SHORT),
+            Sweep("r64_seed1", {**FIGURE_RUN, "lora.r": "64", "seed": "1"}, "figures", SHORT),
         ),
         stores=("figures",),
     ),
     "qlora": Part(
-        "QLoRA on CPU: LoRA r=8 q,v over an fp32, int8 or nf4 (double-quantized) frozen base, seed 0",
-        (Sweep("quant", {"task": "sst2,stsb", "quant": "none,int8,nf4"}, "qlora"),),
+        "QLoRA on CPU: LoRA r=8 q,v over an fp32, int8 or nf4 (double-quantized) frozen base, seed 0, short schedule",
+        (Sweep("quant", {"task": "sst2,stsb", "quant": "none,int8,nf4"}, "qlora", SHORT),),
         table={"rows": ["quant.mode"], "cols": ["task"]},
     ),
 }
@@ -121,10 +144,14 @@ class Paths:
         return self.root / name
 
 
+def sweep_dir(sweep: Sweep, paths: Paths) -> Path:
+    """Where the sweep's summary.csv goes; a search's record (trials.csv, best_trial.json) is kept with the docs."""
+    return paths.docs / "search" / sweep.name if sweep.search else paths.root / "sweeps" / sweep.store / sweep.name
+
+
 def train_command(sweep: Sweep, paths: Paths) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), "-m", *sweep.overrides(), *paths.extra,
-            f"store.root={paths.store(sweep.store)}",
-            f"hydra.sweep.dir={paths.root / 'sweeps' / sweep.store / sweep.name}"]
+            f"store.root={paths.store(sweep.store)}", f"hydra.sweep.dir={sweep_dir(sweep, paths)}"]
 
 
 def run_sweep(sweep: Sweep, paths: Paths) -> None:
@@ -157,7 +184,7 @@ def analyse_table(name: str, paths: Paths) -> str:
 
 
 def analyse_figures(paths: Paths) -> str:
-    sst2 = [EXPERIMENT, *(f"{k}={v}" for k, v in FIGURE_RUN.items())]
+    sst2 = [f"+experiment={SHORT}", *(f"{k}={v}" for k, v in FIGURE_RUN.items())]
     r4, r8, r64 = (run_dir(paths, "table6", [*sst2, f"lora.r={r}"]) for r in (4, 8, 64))
     r64_seed1 = run_dir(paths, "figures", [*sst2, "lora.r=64", "seed=1"])
     fig3 = write_similarity(r8, r64, paths.docs / "fig3_r8_vs_r64", layer=MIDDLE_LAYER)
@@ -205,7 +232,29 @@ def amplification_block(amp: dict[int, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def analyse_search(paths: Paths) -> str:
+    """Each grid point's dev score and best epoch (of the epochs trained), from the runs' results.json alone."""
+    lines = ["| method | task | metric | " + " | ".join(f"lr {i + 1}" for i in range(3)) + " | chosen lr |",
+             "|---|---|---|:---:|:---:|:---:|:---:|"]
+    for sweep in PARTS["search"].sweeps:
+        method, task = sweep.name.split("_", 1)
+        cells, best = [], None
+        for job in sweep.jobs():
+            lr = next(o.split("=", 1)[1] for o in job if o.startswith("optim.lr="))
+            result = read_results(run_dir(paths, sweep.store, job))
+            if not result or result.get("status") != "finished":
+                cells.append(f"{lr}: not run")
+                continue
+            value, epochs = result["main_metric"]["value"], len(result["history"])
+            cells.append(f"{lr}: {100 * value:.1f} (epoch {result['best_epoch'] + 1} of {epochs})")
+            best = max(best or (value, lr), (value, lr))
+        lines.append(f"| {method} | {task} | {TASK_TABLE[task].main_metric} | " + " | ".join(cells) + f" | {best[1] if best else '-'} |")
+    return "\n".join(lines)
+
+
 def analyse(name: str, paths: Paths) -> str:
+    if name == "search":
+        return analyse_search(paths)
     return analyse_figures(paths) if PARTS[name].table is None else analyse_table(name, paths)
 
 
@@ -213,14 +262,20 @@ def analyse(name: str, paths: Paths) -> str:
 
 
 def part_compute(part: Part, paths: Paths) -> dict:
-    """Runs and compute time of a part: each run's wall time from its start to its results.json."""
-    stores = part.stores or tuple(dict.fromkeys(s.store for s in part.sweeps))
+    """Runs and compute time of a part: each finished run's wall time from its (last) start to its end. The runs are
+    those of the part's jobs, or every run in `part.stores` when it names them."""
+    if part.stores:
+        results = [r for store in part.stores for r in read_all(paths.store(store))]
+    else:
+        folders = {run_dir(paths, sweep.store, job) for sweep in part.sweeps for job in sweep.jobs()}
+        results = [{**r, "_path": str(f)} for f in folders if (r := read_results(f))]
     runs, seconds = 0, 0.0
-    for store in stores:
-        for result in read_all(paths.store(store)):
-            if result.get("status") == "finished" and result.get("job_started_at"):
-                runs += 1
-                seconds += (Path(result["_path"]) / RESULTS).stat().st_mtime - float(result["job_started_at"])
+    for result in results:
+        if result.get("status") == "finished" and result.get("job_started_at"):
+            runs += 1
+            # results written before `finished_at` existed: the file's time, which a git checkout resets
+            end = result.get("finished_at") or (Path(result["_path"]) / RESULTS).stat().st_mtime
+            seconds += float(end) - float(result["job_started_at"])
     return {"runs": runs, "compute_s": round(seconds)}
 
 

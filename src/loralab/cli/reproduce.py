@@ -29,7 +29,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("reproduce", help="run REPRODUCTION.md's sweeps and analyses and rewrite its tables")
     p.add_argument("--only", help=f"comma-separated parts (default: all of {', '.join(PARTS)})")
-    p.add_argument("--root", default="runs/reproduction", help="run stores (default: %(default)s)")
+    p.add_argument("--root", default="docs/reproduction/runs",
+                   help="run stores, kept in the repository as data (default: %(default)s)")
     p.add_argument("--docs", default="docs/reproduction", help="tables and figures (default: %(default)s)")
     p.add_argument("--report", default="REPRODUCTION.md", help="report whose blocks are rewritten (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
