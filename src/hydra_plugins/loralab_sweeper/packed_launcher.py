@@ -25,6 +25,7 @@ log = logging.getLogger("loralab.sweep")
 class PackedLauncherConf:
     _target_: str = "hydra_plugins.loralab_sweeper.packed_launcher.PackedLauncher"
     pack_size: Optional[int] = None  # runs trained at once; null: as many as fit the device's memory (at most 16)
+    pad_slack: Any = "auto"  # float|null|"auto": see conf/hydra/launcher/packed.yaml
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="packed_schema", node=PackedLauncherConf, provider="loralab")
@@ -43,8 +44,12 @@ class LinkRun:
 
 
 class PackedLauncher(BasicLauncher):
-    def __init__(self, pack_size: Optional[int] = None) -> None:
+    def __init__(self, pack_size: Optional[int] = None, pad_slack: Any = "auto") -> None:
         super().__init__()
+        if not (pad_slack is None or pad_slack == "auto" or (isinstance(pad_slack, (int, float)) and pad_slack >= 0)):
+            raise ValueError(f"hydra.launcher.pad_slack={pad_slack!r} is invalid: use a fraction >= 0 (e.g. 0.1), "
+                             f"null (one pass, padded to the widest) or auto")
+        self.pad_slack = pad_slack
         if pack_size is not None and int(pack_size) < 1:
             raise ValueError(f"hydra.launcher.pack_size={pack_size} is invalid: it is the number of runs trained at "
                              f"once, at least 1 (or null: as many as fit the device)")
@@ -97,7 +102,7 @@ class PackedLauncher(BasicLauncher):
             size = self.pack_size or auto_pack_size(cfgs[0])
             log.info("packing %d jobs (%s) %d at a time on one frozen base", len(jobs),
                      ", ".join(f"#{initial_job_idx + i}" for i in jobs), size)
-            for i, outcome in zip(jobs, train_pack(cfgs, size)):
+            for i, outcome in zip(jobs, train_pack(cfgs, size, self.pad_slack)):
                 ret = returns[i]
                 if outcome.status == "solo":
                     log.info("job #%d trains solo: %s", initial_job_idx + i, outcome.reason)

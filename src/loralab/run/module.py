@@ -1,7 +1,6 @@
 """The LightningModule: loss, AdamW with linear warmup/decay, per-task GLUE metrics, best-epoch tracking."""
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import lightning as L
@@ -9,8 +8,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..errors import DivergedError
-from .metrics import predictions, task_metrics
+from .metrics import epoch_scores, guard_loss, predictions, task_loss, task_metrics
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -35,10 +33,7 @@ class GlueModule(L.LightningModule):
         return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.task.is_regression:
-            return nn.functional.mse_loss(logits.squeeze(-1), labels)
-        return nn.functional.cross_entropy(logits, labels)
+        return task_loss(self.task, logits, labels)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch), batch["labels"])
@@ -64,12 +59,7 @@ class GlueModule(L.LightningModule):
         self._guard(mean)
 
     def _guard(self, loss: torch.Tensor) -> None:
-        value = float(loss)
-        if self.first_loss is None:
-            self.first_loss = value
-        if not math.isfinite(value) or value > 100 * max(self.first_loss, 1.0):
-            raise DivergedError(f"training loss {value} at step {self.global_step} is not finite or diverged "
-                                f"(first loss {self.first_loss}); lower optim.lr or check the data")
+        self.first_loss = guard_loss(float(loss), self.first_loss, self.global_step)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         split = self.task.eval_splits[dataloader_idx]
@@ -80,12 +70,7 @@ class GlueModule(L.LightningModule):
             for m in self.metrics.values():
                 m.reset()
             return
-        values: dict[str, float] = {}
-        for split, collection in self.metrics.items():
-            for name, v in collection.compute().items():
-                values[self.task.metric_key(name, split)] = float(v)
-            collection.reset()
-        values = {k: (0.0 if math.isnan(v) else v) for k, v in values.items()}  # constant predictions: MCC/r undefined
+        values = epoch_scores(self.task, dict(self.metrics.items()))
         self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=False)  # torchmetrics already synced
         record = {"epoch": self.current_epoch, "step": self.global_step, **values}
         self.history.append(record)

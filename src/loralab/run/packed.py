@@ -1,14 +1,15 @@
 """The packed trainer: several LoRA runs that share a frozen base train in one process, each as if trained alone.
 
 `train_pack(cfgs, pack_size)` admits up to `pack_size` runs at a time into one packed model (run/packed_layer.py).
-Each step concatenates one batch of every run (each from its own seeded order, padded to the widest), runs the frozen
-base once over all of them and each run's adapter and head on its own rows, then steps each run's own optimizer,
+Each step concatenates one batch of every run (each from its own seeded order, padded to the widest, or in a few
+passes by width where padding would cost arithmetic: width_groups), runs the frozen base over them and each run's
+adapter and head on its own rows, then steps each run's own optimizer,
 schedule and gradient clipping. A run validates, checkpoints and finishes on its own schedule (its epochs, its
 max_steps); a finished or diverged run leaves the pack and the next queued run takes its slot.
 
 Each run ends with what a solo run of its config writes (run/train.py): results.json through RunRecord (same fields,
 plus `packed_with`), adapter/ through save_trained, checkpoints/last.safetensors in Lightning's checkpoint layout (so a
-solo run resumes from it, and a pack resumes from a solo run's), the same run id and lock.
+solo run resumes from it, and a pack resumes from a solo run's: run/packed_run.py), the same run id and lock.
 
 Why a plain loop and not Lightning: a pack has one clock but K runs with their own epochs, validation times,
 checkpoints, step counters and end points, joining and leaving at any step; Lightning's fit loop has one of each.
@@ -18,13 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional, Union
 
 import lightning as L
 import torch
@@ -37,11 +36,12 @@ from ..lightning.callbacks import baseline_mb, memory_now_mb, peak_memory_mb, re
 from ..lightning.precision import resolve_precision
 from ..store import RunRecord, read_results, run_dir, run_id, run_lock, write_json
 from .data import GlueDataModule
-from .metrics import predictions, task_metrics
+from .metrics import epoch_scores, guard_loss, predictions, task_loss, task_metrics
 from .model import build_model, count_params, load_pretrained, on_gpu, save_trained
 from .module import MODEL_INPUTS
 from .optim import build_optimizer, linear_warmup
 from .packed_layer import NotPackable, PackedModel
+from .packed_run import Member, Outcome, batch_limit, lightning_checkpoint, restore, resume_checkpoint, schedule
 from .preflight import preflight
 from .train import LAST_CKPT, estimate_fields, make_loggers
 from .weights import load_tokenizer
@@ -49,101 +49,6 @@ from .weights import load_tokenizer
 log = logging.getLogger("loralab")
 STEADY_AFTER = 5  # steps left out of steady_samples_per_s (allocator and cache warm-up), as the solo Throughput does
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
-
-
-@dataclass
-class Outcome:
-    """What became of one run of a pack: finished (value = its main metric), skipped (already finished), failed
-    (error), or solo (the packed layer cannot express it: `reason`; the caller trains it through the solo path)."""
-
-    status: str
-    value: Optional[float] = None
-    error: Optional[BaseException] = None
-    reason: Optional[str] = None
-
-
-@dataclass
-class Member:
-    """One run inside a pack: its config, store folder, model shell, optimizer, data order and progress."""
-
-    index: int
-    cfg: Config
-    folder: Path
-    record: RunRecord
-    started_at: float
-    locks: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
-    shell: Optional[nn.Module] = None
-    data: Optional[GlueDataModule] = None
-    optimizer: Any = None
-    scheduler: Any = None
-    loggers: list = field(default_factory=list)
-    epoch: int = 0  # the epoch in progress (0-based)
-    in_epoch: int = 0  # its batches already trained
-    step: int = 0  # optimizer steps done
-    n_batches: int = 0
-    max_epochs: float = 1
-    max_steps: int = -1
-    total_steps: int = 1
-    history: list = field(default_factory=list)
-    best: Optional[dict] = None
-    first_loss: Optional[float] = None
-    interruptions: list = field(default_factory=list)
-    resumed_from: Optional[str] = None
-    loss_sum: Optional[torch.Tensor] = None
-    loss_steps: int = 0
-    order: Optional[Iterator[list[int]]] = None
-    dataset: Any = None
-    partners: set = field(default_factory=set)  # runs it shared at least one step with
-    admitted_at: float = 0.0
-    # throughput, as run/train.py's Throughput callback counts it (training steps only, validation excluded)
-    samples: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    steady_samples: int = 0
-    steady_seconds: float = 0.0
-    steps_here: int = 0
-    largest: Optional[tuple[int, int]] = None
-    first_step_at: Optional[float] = None
-
-    @property
-    def run_id(self) -> str:
-        return self.folder.name
-
-    @property
-    def done(self) -> bool:
-        return self.epoch >= self.max_epochs or (self.max_steps != -1 and self.step >= self.max_steps)
-
-
-def _limit(n: int, limit: Any) -> int:
-    """Lightning's limit_*_batches: None/1.0 all, an int a count, a float a fraction."""
-    if limit is None:
-        return n
-    if isinstance(limit, float):
-        return n if limit == 1.0 else int(n * limit)
-    return min(n, int(limit))
-
-
-def schedule(cfg: Config, n_batches: int) -> tuple[float, int, int]:
-    """(max_epochs, max_steps, total optimizer steps) as Lightning derives them (estimated_stepping_batches)."""
-    t = cfg.trainer
-    max_steps = t.get("max_steps")
-    max_steps = -1 if max_steps is None else int(max_steps)
-    max_epochs = t.get("max_epochs")
-    if max_epochs is None:
-        max_epochs = 1000 if max_steps == -1 else -1
-    if max_epochs == -1:
-        return math.inf, max_steps, max(1, max_steps)
-    total = n_batches * max(int(max_epochs), 1)
-    total = min(total, max_steps) if max_steps != -1 else total
-    return float(max_epochs), max_steps, max(1, total)
-
-
-def task_loss(cfg: Config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """GlueModule.loss: MSE for regression, cross-entropy otherwise, in fp32."""
-    logits = logits.float()
-    if cfg.task.is_regression:
-        return nn.functional.mse_loss(logits.squeeze(-1), labels)
-    return nn.functional.cross_entropy(logits, labels)
 
 
 def pack_batches(batches: list[dict[str, torch.Tensor]], pad_id: int, device: torch.device
@@ -165,75 +70,24 @@ def pack_batches(batches: list[dict[str, torch.Tensor]], pad_id: int, device: to
     return out, rows
 
 
-def lightning_checkpoint(m: Member, end_of_epoch: bool) -> dict[str, Any]:
-    """A run's checkpoint in the layout Lightning writes for a solo run (run/train.py), so either path resumes it:
-    trained tensors under the module's names, optimizer and schedule states, loop progress and loralab's state."""
-    g, e = m.step, m.epoch
-    done = m.n_batches if end_of_epoch else m.in_epoch
-
-    def progress(total: int, current: int, keys=("ready", "completed", "started", "processed")) -> dict:
-        return {"total": {k: total for k in keys}, "current": {k: current for k in keys}}
-
-    epochs = {"ready": e + 1, "completed": e, "started": e + 1, "processed": e + int(end_of_epoch)}
-    fit_loop = {
-        "state_dict": {},
-        "epoch_loop.state_dict": {"_batches_that_stepped": g},
-        "epoch_loop.batch_progress": {**progress(g, done), "is_last_batch": end_of_epoch},
-        "epoch_loop.scheduler_progress": progress(g, done, ("ready", "completed")),
-        "epoch_loop.automatic_optimization.state_dict": {},
-        "epoch_loop.automatic_optimization.optim_progress": {"optimizer": {
-            "step": progress(g, done, ("ready", "completed")),
-            "zero_grad": progress(g, done, ("ready", "completed", "started"))}},
-        "epoch_loop.manual_optimization.state_dict": {},
-        "epoch_loop.manual_optimization.optim_step_progress": progress(0, 0, ("ready", "completed")),
-        "epoch_loop.val_loop.state_dict": {},
-        "epoch_loop.val_loop.batch_progress": {**progress(0, 0), "is_last_batch": False},
-        "epoch_progress": {"total": dict(epochs), "current": dict(epochs)},
-    }
-    idle = {"state_dict": {}, "batch_progress": {**progress(0, 0), "is_last_batch": False}}
-    trained = {f"model.{n}": p.detach() for n, p in m.shell.named_parameters() if p.requires_grad}
-    return {"epoch": e, "global_step": g, "pytorch-lightning_version": L.__version__, "state_dict": trained,
-            "loops": {"fit_loop": fit_loop, "validate_loop": dict(idle), "test_loop": dict(idle),
-                      "predict_loop": dict(idle)},
-            "GlueDataModule": {"epoch": e, "done": done},  # the data position, as Lightning stores the datamodule's
-            "callbacks": {}, "optimizer_states": [m.optimizer.state_dict()],
-            "lr_schedulers": [m.scheduler.state_dict()],
-            "loralab": {"history": m.history, "best": m.best, "first_loss": m.first_loss,
-                        "interruptions": m.interruptions, "rng": torch.get_rng_state(), "cuda_rng": [],
-                        "packed": True}}
-
-
-def restore(m: Member, ckpt: dict[str, Any]) -> None:
-    """Continue a run from its checkpoint (a pack's or a solo run's: the same layout)."""
-    trained = {n for n, p in m.shell.named_parameters() if p.requires_grad}
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    missing = trained - set(state)
-    if missing:
-        raise ValueError(f"checkpoint lacks trained tensors {sorted(missing)[:3]}")
-    m.shell.load_state_dict({k: v for k, v in state.items() if k in trained}, strict=False)
-    m.optimizer.load_state_dict(ckpt["optimizer_states"][0])
-    m.scheduler.load_state_dict(ckpt["lr_schedulers"][0])
-    m.step, m.epoch = int(ckpt["global_step"]), int(ckpt["epoch"])
-    bp = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
-    if bp.get("is_last_batch", True):
-        m.epoch, m.in_epoch = m.epoch + 1, 0
-    else:
-        m.in_epoch = int(bp["current"]["completed"])
-    state = ckpt.get("loralab", {})
-    m.history, m.best = list(state.get("history", [])), state.get("best")
-    m.first_loss, m.interruptions = state.get("first_loss"), list(state.get("interruptions", []))
-
-
-def resume_checkpoint(m: Member) -> Optional[Path]:
-    """The checkpoint to continue from (checkpoint_io.resume_point where the store has it: a damaged file is set
-    aside and the previous one used), or None."""
-    path = m.folder / "checkpoints" / LAST_CKPT
-    if not m.cfg.store.resume:
-        return None
-    pick = getattr(checkpoint_io, "resume_point", None)
-    if pick is not None:
-        return pick(path)
-    return path if path.exists() else None
+def width_groups(widths: list[int], sizes: list[int], pad_slack: Optional[float]) -> list[list[int]]:
+    """Which runs' batches share one pass of the base. One pass pads every batch to the widest; on a GPU that padding
+    is nearly free (a small step is launch-bound), on a CPU it is arithmetic like any other. So runs are taken in
+    order of width and a run joins the current group while the group's padded tokens stay within (1 + pad_slack) of
+    the tokens its batches hold; `pad_slack=None`: one group, one pass. Returns lists of indices."""
+    if pad_slack is None or len(widths) < 2:
+        return [list(range(len(widths)))]
+    groups: list[list[int]] = []
+    own = 0
+    for i in sorted(range(len(widths)), key=lambda j: widths[j]):
+        if groups and widths[i] * (sum(sizes[j] for j in groups[-1]) + sizes[i]) <= (1 + pad_slack) * (
+                own + widths[i] * sizes[i]):
+            groups[-1].append(i)
+            own += widths[i] * sizes[i]
+        else:
+            groups.append([i])
+            own = widths[i] * sizes[i]
+    return groups
 
 
 class StopSignal:
@@ -261,7 +115,8 @@ class StopSignal:
 class Pack:
     """The shared base, the runs in it and the queue waiting for a slot."""
 
-    def __init__(self, cfgs: list[Config], pack_size: int, job_dirs: Optional[list[Optional[Path]]] = None) -> None:
+    def __init__(self, cfgs: list[Config], pack_size: int, job_dirs: Optional[list[Optional[Path]]] = None,
+                 pad_slack: Union[float, str, None] = "auto") -> None:
         self.cfgs, self.pack_size = cfgs, max(1, int(pack_size))
         self.job_dirs = job_dirs or [None] * len(cfgs)
         self.outcomes: list[Optional[Outcome]] = [None] * len(cfgs)
@@ -272,6 +127,8 @@ class Pack:
         self.tokenizer = None
         self.device = torch.device("cuda" if on_gpu(cfgs[0]) and torch.cuda.is_available() else "cpu")
         self.precision = resolve_precision(cfgs[0].trainer.get("precision"), str(cfgs[0].trainer.get("accelerator")))
+        # "auto": one pass on a GPU, passes by width within 10 % padding on a CPU (see width_groups)
+        self.pad_slack = (None if self.device.type == "cuda" else 0.1) if pad_slack == "auto" else pad_slack
         self.ids = [run_id(c) for c in cfgs]
         self.train_peak_mb = 0.0
 
@@ -335,7 +192,7 @@ class Pack:
         self.model.add_run(m.index, m.shell)
         m.shell.to(self.device)
         loader = m.data.train_dataloader()
-        m.n_batches = _limit(len(loader.sampler), cfg.trainer.get("limit_train_batches"))
+        m.n_batches = batch_limit(len(loader.sampler), cfg.trainer.get("limit_train_batches"))
         m.max_epochs, m.max_steps, m.total_steps = schedule(cfg, m.n_batches)
         m.optimizer = build_optimizer(m.shell, cfg)
         m.scheduler = linear_warmup(m.optimizer, cfg.optim.warmup_ratio, m.total_steps)
@@ -361,14 +218,18 @@ class Pack:
         members = list(self.active)
         t0 = time.perf_counter()
         batches = [self._next_batch(m) for m in members]
-        inputs, rows = pack_batches(batches, self.pad_id, self.device)
         # Dropout draws follow the pack's position (each member's seed and step): a resumed pack draws what an
         # uninterrupted one does.
         torch.manual_seed(hash(tuple((m.cfg.seed, m.index, m.step) for m in members)) & 0xFFFF_FFFF_FFFF)
+        losses: list[Any] = [None] * len(members)
         with self._autocast():
-            logits = self.model([(m.index, r) for m, r in zip(members, rows)], **inputs)
-            losses = [task_loss(m.cfg, logits[r], b["labels"].to(self.device, non_blocking=True))
-                      for m, r, b in zip(members, rows, batches)]
+            for group in width_groups([b["input_ids"].shape[1] for b in batches],
+                                      [b["input_ids"].shape[0] for b in batches], self.pad_slack):
+                inputs, rows = pack_batches([batches[i] for i in group], self.pad_id, self.device)
+                logits = self.model([(members[i].index, r) for i, r in zip(group, rows)], **inputs)
+                for i, r in zip(group, rows):
+                    labels = batches[i]["labels"].to(self.device, non_blocking=True)
+                    losses[i] = task_loss(members[i].cfg.task, logits[r], labels)
         total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         total.backward()  # one backward: each run's parameters receive only its own loss's gradient
         for m, loss in zip(members, losses):
@@ -427,11 +288,7 @@ class Pack:
         if log_it:
             for lg in m.loggers:
                 lg.log_metrics({"train/loss": value, "epoch": m.epoch}, step=m.step - 1)
-        if m.first_loss is None:
-            m.first_loss = value
-        if not math.isfinite(value) or value > 100 * max(m.first_loss, 1.0):
-            raise DivergedError(f"training loss {value} at step {m.step - 1} is not finite or diverged "
-                                f"(first loss {m.first_loss}); lower optim.lr or check the data")
+        m.first_loss = guard_loss(value, m.first_loss, m.step - 1)
 
     # --- validation ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -445,7 +302,7 @@ class Pack:
             loaders = {m.index: m.data.val_dataloader() for m in members}
             metrics = {m.index: {s: task_metrics(m.cfg.task).to(self.device) for s in task.eval_splits}
                        for m in members}
-            limits = {m.index: [_limit(len(dl), m.cfg.trainer.get("limit_val_batches")) for dl in loaders[m.index]]
+            limits = {m.index: [batch_limit(len(dl), m.cfg.trainer.get("limit_val_batches")) for dl in loaders[m.index]]
                       for m in members}
             for s, split in enumerate(task.eval_splits):
                 iters = {m.index: iter([b for _, b in zip(range(limits[m.index][s]), loaders[m.index][s])])
@@ -470,11 +327,7 @@ class Pack:
             for m in members:
                 if not sum(limits[m.index]):
                     continue  # limit_val_batches=0: no validation, as in Lightning
-                values: dict[str, float] = {}
-                for split, collection in metrics[m.index].items():
-                    for name, v in collection.compute().items():
-                        values[m.cfg.task.metric_key(name, split)] = float(v)
-                values = {k: (0.0 if math.isnan(v) else v) for k, v in values.items()}
+                values = epoch_scores(m.cfg.task, metrics[m.index])
                 record = {"epoch": epoch_of[m.index], "step": m.step, **values}
                 m.history.append(record)
                 main = m.cfg.task.main_metric
@@ -628,8 +481,8 @@ class Pack:
         return [o or Outcome("failed", error=RuntimeError("not trained")) for o in self.outcomes]
 
 
-def train_pack(cfgs: list[Config], pack_size: int) -> list[Outcome]:
+def train_pack(cfgs: list[Config], pack_size: int, pad_slack: Union[float, str, None] = "auto") -> list[Outcome]:
     """Train `cfgs` `pack_size` at a time in one packed model; returns one Outcome per config, in order. The configs
     must share one frozen base (loralab.sweep.packing groups a sweep's jobs by it). A run that fails (diverges, a
     damaged checkpoint) fails alone and the others go on; one the packed layer cannot express comes back `solo`."""
-    return Pack(cfgs, pack_size).run() if cfgs else []
+    return Pack(cfgs, pack_size, pad_slack=pad_slack).run() if cfgs else []
