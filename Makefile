@@ -29,7 +29,7 @@ test-full:
 bench:
 	$(BIN)/python benchmarks/run.py
 
-reproduce:   # REPRODUCTION.md: every run, table and figure (~2 h on 2 cores; finished runs are skipped)
+reproduce:   # REPRODUCTION.md: trains the runs missing from docs/reproduction/runs (hours on 2 cores), then every table
 	$(BIN)/loralab reproduce
 
 lint:

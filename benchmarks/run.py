@@ -290,7 +290,7 @@ def main() -> None:
         "g": ("(g) Host-bound step: loralab vs a plain PyTorch loop vs the Trainer on a tiny model", host_bound),
         "h": ("(h) GPU: samples/s, GPU busy, jobs per GPU, RoBERTa-base shapes, QLoRA", gpu_section),
         "i": ("(i) Packed sweeps: packs of 1, 4 and 8 runs vs solo on the tiny model (host-bound regime)",
-              lambda: packed_section(reps=args.reps)),
+              lambda: packed_section(steps=args.steps, reps=args.reps)),
     }
     from loralab.store import git_commit
 
