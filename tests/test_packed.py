@@ -199,7 +199,6 @@ def test_launcher_trains_what_it_cannot_pack_solo(tmp_path: Path, token_cache: P
     assert len(read_summary(sweep)) == 4
 
 
-@pytest.mark.slow
 def test_dropout_on_packed_scores_within_seed_noise(compose_cfg: Compose, tmp_path: Path) -> None:
     """Dropout on (LoRA 0.1, MiniLM's own 0.1): two seeds packed vs the same two seeds solo, 400 SST-2 sentences,
     2 epochs; test_train.py measured 0.731 / 0.714 / 0.721 for seeds 0-2 of this run solo."""
