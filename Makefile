@@ -19,12 +19,13 @@ install:
 train:
 	$(BIN)/python train.py
 
-# Two workers, one test file each at a time (module fixtures are shared within a file): 11-12 min on 2 cores.
+# Two workers, one test file each at a time (module fixtures are shared within a file), slowest files first
+# (tests/conftest.py): ~11 min on 2 cores.
 test:
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-full:
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not gpu"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not gpu"
 
 bench:
 	$(BIN)/python benchmarks/run.py

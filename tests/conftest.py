@@ -33,8 +33,12 @@ def needs_glue(*tasks: str) -> pytest.MarkDecorator:
 
 @pytest.fixture(scope="session")
 def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tokenization cache for the whole session, so each split is tokenized once."""
-    return tmp_path_factory.mktemp("token_cache")
+    """One tokenization cache for the whole session, so each split is tokenized once: under xdist the workers'
+    temporary folders share a parent, and so share the cache (its files are written atomically)."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "token_cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -60,11 +64,13 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-# The slowest files first: `make test` runs two xdist workers that take whole files (--dist loadfile) in collection
-# order, so the long ones start at once and overlap instead of ending the run on one worker.
-SLOW_FIRST = ("test_slurm.py", "test_sweeps.py", "test_faults.py", "test_launchers.py", "test_train.py", "test_packed.py",
-              "test_optuna_search.py",
-              "test_reproduce.py", "test_analysis_wandb.py", "test_analysis_e2e.py", "test_predict.py")
+# The slowest files first (seconds per file in a full run, 2026-12-05): `make test` runs two xdist workers that take
+# whole files (--dist loadfile --no-loadscope-reorder: xdist would otherwise start with the files of most tests) in
+# this order, so the long ones start at once and the run ends on short ones.
+SLOW_FIRST = ("test_slurm.py",  # ~300
+              "test_launchers.py", "test_packed.py", "test_faults.py",  # ~140-200
+              "test_train.py", "test_reproduce.py", "test_sweeps.py", "test_optuna_search.py",  # ~80-120
+              "test_analysis_wandb.py", "test_experiments.py", "test_config.py", "test_predict.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -10,6 +10,10 @@ from loralab.cli import main as cli
 from loralab.store import run_dir
 from loralab.run.train import run
 
+# make test-full: the default suite builds similarity grids and heatmaps from real runs in test_reproduce.py (the
+# figures part) and tables from a real sweep in test_analysis_wandb.py.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def two_runs(compose_cfg, tmp_path_factory):

@@ -120,8 +120,9 @@ def lost_jobs_sweep(slurm_cluster, tmp_path_factory: pytest.TempPathFactory, tok
     try:
         array = _array_id(sweep, deadline, proc)
         submitted = time.monotonic() - start
-        # Jobs 0 and 1 running (SLURM has split them off the array), job 2 waiting for a core: cancel it.
-        while [_state(f"{array}_{i}") for i in range(3)] != ["RUNNING", "RUNNING", "PENDING"]:
+        # Job 0 running, job 2 waiting for a core: cancel it. (Job 1 usually runs beside job 0, but a slurmctld
+        # that has just restarted may start the array's elements one at a time: seen once in ~10 suites.)
+        while [_state(f"{array}_{i}") for i in (0, 2)] != ["RUNNING", "PENDING"]:
             assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
         subprocess.run(["scancel", f"{array}_2"], check=True)
@@ -159,7 +160,9 @@ def test_lost_jobs_are_recorded_as_failed_while_the_others_finish(lost_jobs_swee
     assert rows["1"]["status"] == "finished" and float(rows["1"]["main_value"]) >= 0
     # Each lost job is a failed run with SLURM's reason: killed -> FAILED, scancel -> CANCELLED.
     assert rows["0"]["status"] == "failed" and "state: FAILED" in rows["0"]["error"], rows["0"]
-    assert rows["2"]["status"] == "failed" and "state: CANCELLED" in rows["2"]["error"], rows["2"]
+    # scancel'd while pending: CANCELLED in sacct, or no record at all when SLURM had not split it off the array yet
+    assert rows["2"]["status"] == "failed", rows["2"]
+    assert "state: CANCELLED" in rows["2"]["error"] or "cancelled before it started" in rows["2"]["error"], rows["2"]
     assert f"{s['array']}_0" in rows["0"]["error"] and f"{s['array']}_2" in rows["2"]["error"]
     # Recorded where the job itself would have written: the run store, linked from the job folder.
     for job, seed in (("0", 0), ("2", 2)):

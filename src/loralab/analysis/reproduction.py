@@ -243,7 +243,7 @@ def analyse_search(paths: Paths) -> str:
             lr = next(o.split("=", 1)[1] for o in job if o.startswith("optim.lr="))
             result = read_results(run_dir(paths, sweep.store, job))
             if not result or result.get("status") != "finished":
-                cells.append(f"{lr}: not run")
+                cells.append(f"{lr}: {result['status'] if result else 'not run'}")  # running: a pass stopped it
                 continue
             value, epochs = result["main_metric"]["value"], len(result["history"])
             cells.append(f"{lr}: {100 * value:.1f} (epoch {result['best_epoch'] + 1} of {epochs})")
