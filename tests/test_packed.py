@@ -1,6 +1,7 @@
 """Packed sweeps (issue 18): runs trained together on one frozen base end as they would alone.
 
-The parity runs use every dropout at 0 and fp32. With data.length_buckets every batch has one width, in the pack as
+The parity runs use every dropout at 0, fp32 and one torch thread (a multi-threaded matmul may sum in another order
+for another number of rows). With data.length_buckets every batch has one width, in the pack as
 alone, so a packed run must match its solo run to fp32 rounding (measured: bit-identical). With dynamic padding the
 pack pads each run's batch to the widest run's, and attention's fp32 sums over the (masked) extra columns round
 differently: that is the only difference (tested on the forward: the packed rows equal the solo model on the same
@@ -53,7 +54,9 @@ def adapter(cfg) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def pack3(compose_cfg: Compose, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def pack3(compose_cfg: Compose, tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> dict[str, Any]:
+    """One torch thread: with two, MKL splits the sum of a 1536-to-384 matmul differently for 256 rows (the pack) than
+    for 64 (alone), measured on a Xeon with AMX; that last-bit difference, through 20 Adam steps, grew to 3e-4."""
     root = tmp_path_factory.mktemp("pack3")
     packed = [compose_cfg([*MINILM, *r], root=root / "pack") for r in PACK3]
     outcomes = train_pack(packed, 3)

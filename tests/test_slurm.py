@@ -198,13 +198,15 @@ def test_relaunch_trains_only_the_lost_jobs(lost_jobs_sweep: dict[str, Any]) -> 
 
 # --- a time limit shorter than the run ---------------------------------------------------------------------------
 
-# ~80-100 s of training on one thread (40 steps per epoch): more than a 2-minute time limit leaves after start-up and
-# the warning. SLURM checks time limits every 30 s and sends the warning up to 30 s early, i.e. 60-90 s into each job
-# here (with a 1-minute limit it came 8 s in, during Python's start-up, before anything handles it). One thread for
-# the cluster job and the local reference alike: the same arithmetic, so the two can be compared bit for bit.
-LONG = ("task=rte", "data.train_limit=640", "data.batch_size=16", "data.val_limit=64", "trainer.max_epochs=2",
-        "optim.lr=1e-3")
-STEPS_PER_EPOCH = 40
+# SLURM checks time limits every 30 s and sends the warning up to 30 s early: with a 2-minute limit and a 60 s
+# signal_delay_s it comes 30-60 s into each job (with a 1-minute limit it came 8 s in, during Python's start-up, before
+# anything handles it). The run trains 160 steps in fp32 on one thread (~100 s on a Xeon with AMX, ~180 s on a CPU
+# without; fp32 because bf16, where the CPU has it natively, would end the run before the warning), so at least one
+# warning falls mid-training. One thread for the cluster job and the local reference alike: the same arithmetic, so
+# the two can be compared bit for bit.
+LONG = ("task=rte", "data.train_limit=1280", "data.batch_size=16", "data.val_limit=64", "trainer.max_epochs=2",
+        "optim.lr=1e-3", "trainer.precision=32-true")
+STEPS_PER_EPOCH = 80
 
 
 def _release_requeued(requeued: set[str]) -> None:
@@ -219,14 +221,14 @@ def _release_requeued(requeued: set[str]) -> None:
 
 def test_time_limit_requeues_the_job_which_resumes_mid_epoch_and_ends_as_if_never_stopped(
         slurm_cluster, tmp_path: Path, token_cache: Path) -> None:
-    """timeout_min=2: SLURM warns the job (SIGUSR2, signal_delay_s before the limit), the run writes a mid-epoch
+    """timeout_min=2: SLURM warns the job (SIGUSR2, signal_delay_s=60 before the limit), the run writes a mid-epoch
     checkpoint, submitit requeues the job, and the requeued job resumes there; the run's history and adapter equal
     those of the same run trained without a limit (here, at the same time, on the other core)."""
     from safetensors.torch import load_file
 
     env = clean_env(OMP_NUM_THREADS="1")
     cmd = train_cmd("-m", "seed=0", *LONG, "hydra/launcher=slurm", "hydra.launcher.partition=debug",
-                    "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30",
+                    "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60",
                     "hydra.launcher.max_num_timeout=30", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4",
                     f"store.root={tmp_path / 'runs'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cache=token_cache)
     start = time.monotonic()
