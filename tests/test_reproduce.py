@@ -65,8 +65,15 @@ def test_the_searches_seed_0_runs_are_table_2s() -> None:
 def test_a_search_hands_its_learning_rates_to_optunas_grid() -> None:
     (sweep,) = [s for s in PARTS["search"].sweeps if s.name == "lora_mrpc"]
     assert sweep.overrides() == ["+experiment=repro_minilm", "hparams_search=repro_lr", "task=mrpc",
-                                 "hydra.sweeper.params.optim.lr=choice(5e-4,1e-3,2e-3)"]
+                                 "optim.lr=choice(5e-4,1e-3,2e-3)"]
     assert len(sweep.jobs()) == 3
+    # what `train.py -m` checks before anything runs (a choice() under hydra.* is refused there)
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    parsed = OverridesParser.create().parse_overrides(sweep.overrides())
+    ConfigLoaderImpl.validate_sweep_overrides_legal(parsed, RunMode.MULTIRUN, from_shell=True)
 
 
 def test_splice_rewrites_only_its_block() -> None:

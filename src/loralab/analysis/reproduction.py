@@ -53,7 +53,7 @@ class Sweep:
         if self.search:
             grid = {k: v for k, v in self.axes.items() if k != "optim.lr"}
             return [*head, "hparams_search=repro_lr", *(f"{k}={v}" for k, v in grid.items()),
-                    f"hydra.sweeper.params.optim.lr=choice({self.axes['optim.lr']})"]
+                    f"optim.lr=choice({self.axes['optim.lr']})"]
         return [*head, *(f"{k}={v}" for k, v in self.axes.items())]
 
     def jobs(self) -> list[list[str]]:
