@@ -6,6 +6,8 @@ Three settings, as a Trainer user can set them:
   --padding max_length        run_glue's default: pad every example to max_seq_length=128
   --padding dynamic           DataCollatorWithPadding
   --padding dynamic --group   + train_sampling_strategy="group_by_length" (transformers 5's group_by_length)
+  --bf16                      + bf16 autocast on the CPU (use_cpu=True, bf16=True), as loralab's precision=auto
+                              uses where the CPU runs bf16 natively (avx512_bf16 / AMX)
 Prints one JSON line: train samples/s (training steps only, evaluation excluded), dev accuracy, settings.
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main() -> None:
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--padding", choices=["max_length", "dynamic"], default="max_length")
     ap.add_argument("--group", action="store_true", help="train_sampling_strategy=group_by_length")
+    ap.add_argument("--bf16", action="store_true", help="TrainingArguments(bf16=True): bf16 autocast on the CPU")
     ap.add_argument("--max-steps", type=int, default=-1)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--train-limit", type=int, default=None)
@@ -79,7 +82,7 @@ def main() -> None:
         learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps, warmup_steps=0.06,
         lr_scheduler_type="linear", weight_decay=0.0, seed=args.seed, save_strategy="no", eval_strategy="no",
         report_to=[], logging_steps=50, disable_tqdm=True, dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length" if args.group else "random", use_cpu=True)
+        train_sampling_strategy="group_by_length" if args.group else "random", use_cpu=True, bf16=args.bf16)
     base_collator = default_data_collator if pad == "max_length" else DataCollatorWithPadding(tok)
     batch_tokens: list[int] = []  # padded tokens of each training batch, in order (num_workers=0: no prefetch)
 
@@ -94,7 +97,7 @@ def main() -> None:
     trainer.train()
     steps = timer.step - args.warmup_skip
     out = {"pipeline": "trainer+peft", "padding": args.padding, "group_by_length": args.group, "seed": args.seed,
-           "steps_timed": steps, "train_samples_per_s": steps * 32 / (timer.t1 - timer.t0),
+           "bf16": args.bf16, "steps_timed": steps, "train_samples_per_s": steps * 32 / (timer.t1 - timer.t0),
            "tokens_per_sample": sum(batch_tokens[args.warmup_skip:timer.step]) / (steps * 32),
            "torch_threads": torch.get_num_threads()}
     if args.eval:

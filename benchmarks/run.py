@@ -32,6 +32,14 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 REF_SETTINGS = {"run_glue default (pad to 128)": ["--padding", "max_length"],
                 "dynamic padding": ["--padding", "dynamic"],
                 "dynamic padding + group_by_length": ["--padding", "dynamic", "--group"]}
+# Where the CPU runs bf16 natively, loralab's precision=auto trains in bf16 autocast; so does this reference.
+BF16_SETTING = {"dynamic padding + group_by_length + bf16": ["--padding", "dynamic", "--group", "--bf16"]}
+
+
+def ref_settings() -> dict[str, list[str]]:
+    from loralab.lightning.precision import cpu_has_fast_bf16
+
+    return {**REF_SETTINGS, **(BF16_SETTING if cpu_has_fast_bf16() else {})}
 
 
 def sh(cmd: list[str], **kw) -> str:
@@ -73,7 +81,8 @@ def environment() -> str:
 
 def throughput(reps: int, steps: int, slow_steps: int) -> tuple[str, dict]:
     """Alternating repeats, medians; loralab's number leaves out its first 5 steps, as the reference does."""
-    results: dict[str, list[float]] = {"loralab (defaults)": [], **{k: [] for k in REF_SETTINGS}}
+    settings = ref_settings()
+    results: dict[str, list[float]] = {"loralab (defaults)": [], **{k: [] for k in settings}}
     tokens: dict[str, list[float]] = {k: [] for k in results}  # padded tokens per sample of the timed steps
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(reps):
@@ -81,7 +90,7 @@ def throughput(reps: int, steps: int, slow_steps: int) -> tuple[str, dict]:
                             Path(tmp) / f"t{rep}")
             results["loralab (defaults)"].append(r["steady_samples_per_s"])
             tokens["loralab (defaults)"].append(r["train_tokens"] / r["train_samples"])
-            for name, args in REF_SETTINGS.items():
+            for name, args in settings.items():
                 n = slow_steps if "128" in name else steps
                 ref = reference_run([*args, "--max-steps", str(n), "--seed", str(rep)])
                 results[name].append(ref["train_samples_per_s"])
