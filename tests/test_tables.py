@@ -95,6 +95,8 @@ def test_collect_flattens_and_skips(runs: Path, tmp_path: Path) -> None:
     assert row["lora.target_modules"] == "query,value" and row["lora.r"] == 8
     assert row["metrics.best.f1"] == pytest.approx(0.85) and row["optim.lr"] == pytest.approx(5e-4)
     assert "versions.torch" not in data.df.columns
+    # a part of a shared store (REPRODUCTION.md's Table 2 beside the search's other learning rates): only its run ids
+    assert list(tables.collect(runs, only={"run0", "run1"}).df["run_id"].sort_values()) == ["run0", "run1"]
 
 
 def test_pivot_medians_match_hand_computed(runs: Path) -> None:

@@ -4,7 +4,7 @@ compute, write the result files and return what was found, for the caller to pri
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,10 +200,12 @@ def write_table(
     metric: str | None = None,
     spread: str = "halfrange",
     with_plots: bool = False,
+    only: Collection[str] | None = None,
 ) -> TableReport:
-    """Median-over-seeds table of every finished run under ROOT (a paper ``layout`` or ``rows`` x ``cols``):
-    PREFIX.md/.tex/.csv and, ``with_plots``, the metric's trade-off figures PREFIX_{rank,params,memory}.png."""
-    data = collect(root, "DIR")
+    """Median-over-seeds table of every finished run under ROOT, or of the run ids in ``only`` (a paper ``layout`` or
+    ``rows`` x ``cols``): PREFIX.md/.tex/.csv and, ``with_plots``, the metric's trade-off figures
+    PREFIX_{rank,params,memory}.png."""
+    data = collect(root, "DIR", only)
     if data.df.empty:
         skipped = f" ({data.skipped} unfinished)" if data.skipped else ""
         raise AnalysisError(f"DIR: no finished results.json under '{root}'{skipped}; point it at your runs folder.")

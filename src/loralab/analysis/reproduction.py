@@ -175,8 +175,11 @@ def run_dir(paths: Paths, store: str, overrides: list[str]) -> Path:
 
 
 def analyse_table(name: str, paths: Paths) -> str:
+    """The part's table from its own runs only (a store may hold others: Table 2's holds every point of the search)."""
     part, out = PARTS[name], paths.docs / name
-    report = write_table(paths.store(part.sweeps[0].store), out, **part.table)
+    store = part.sweeps[0].store
+    ids = {run_dir(paths, store, job).name for sweep in part.sweeps for job in sweep.jobs()}
+    report = write_table(paths.store(store), out, **part.table, only=ids)
     for line in report.warnings():
         print(line, file=sys.stderr)
     print(f"{name}: wrote " + ", ".join(str(p) for p in report.paths.values()), flush=True)

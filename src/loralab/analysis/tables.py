@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,13 +39,14 @@ class Collected:
         return sum(self.skipped_status.values())
 
 
-def collect(root: str | Path, arg: str = "DIR") -> Collected:
-    """Every finished results.json under ``root`` as one flat DataFrame (one row per run)."""
+def collect(root: str | Path, arg: str = "DIR", only: Collection[str] | None = None) -> Collected:
+    """Every finished results.json under ``root`` (or those whose run id is in ``only``) as one flat DataFrame (one
+    row per run)."""
     if not Path(root).is_dir():
         raise AnalysisError(
             f"{arg}: '{root}' is not an existing folder; pass the folder holding your run folders."
         )
-    records = read_all(Path(root))
+    records = [r for r in read_all(Path(root)) if only is None or r.get("run_id") in only]
     finished = [r for r in records if r.get("status") == "finished"]
     skipped = Counter(str(r.get("status", "missing")) for r in records if r.get("status") != "finished")
     return Collected(runs_frame(finished), dict(skipped))
