@@ -122,3 +122,6 @@ def test_figures_part_end_to_end_on_tiny_real_runs(tmp_path: Path, token_cache: 
     # From the finished runs alone (skipping finished runs is tested with the sweeps): the block is rebuilt identically.
     reproduce(["figures"], paths, analysis_only=True)
     assert report.read_text() == before
+    # a part with no finished runs here (trained on another machine, or not yet) keeps its block as it is
+    reproduce(["qlora"], paths, analysis_only=True)
+    assert report.read_text() == before

@@ -309,8 +309,12 @@ def reproduce(names: list[str], paths: Paths, analysis_only: bool = False) -> No
         if not analysis_only:
             for sweep in PARTS[name].sweeps:
                 run_sweep(sweep, paths)
-        body = analyse(name, paths)
         compute = part_compute(PARTS[name], paths)
+        if analysis_only and not compute["runs"]:  # its runs are on another machine, or not trained yet
+            print(f"{name}: no finished runs under {paths.root}; its block in {paths.report} is left as it is",
+                  flush=True)
+            continue
+        body = analyse(name, paths)
         report = paths.report.read_text() if paths.report.exists() else "# Reproduction\n"
         write_text(paths.report, splice(report, name, block(name, body, compute, paths)))
         print(f"{name}: {compute['runs']} run(s) trained ({compute['compute_s'] / 60:.1f} min of compute); this call "
