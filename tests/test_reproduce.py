@@ -46,7 +46,8 @@ def test_each_part_composes_to_distinct_runs_on_the_stated_schedule(name: str, r
     assert len(ids) == runs
     if name == "table2":
         assert {m for m, _ in methods} == {"lora", "full", "bitfit", "head"}
-        assert all(lr < 1e-4 for m, lr in methods if m == "full")
+        rates = {m: {lr for k, lr in methods if k == m} for m in ("lora", "full")}
+        assert max(rates["full"]) < min(rates["lora"])  # full fine-tuning takes its own, smaller rates
     if name == "table5":  # equal budget: r * (number of weight types) is 8 for every cell
         assert {r * len(t) for t, r in targets} == {8}
 

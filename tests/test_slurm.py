@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -158,8 +159,10 @@ def test_lost_jobs_are_recorded_as_failed_while_the_others_finish(lost_jobs_swee
     rows = _rows_by_seed(s["sweep"])
     assert sorted(rows) == ["0", "1", "2"], rows
     assert rows["1"]["status"] == "finished" and float(rows["1"]["main_value"]) >= 0
-    # Each lost job is a failed run with SLURM's reason: killed -> FAILED, scancel -> CANCELLED.
-    assert rows["0"]["status"] == "failed" and "state: FAILED" in rows["0"]["error"], rows["0"]
+    # Each lost job is a failed run with SLURM's reason. A SIGKILLed step usually leaves the element FAILED, but
+    # slurmctld sometimes records it as "CANCELLED by 0" (seen once in CI): either is SLURM's own word for it.
+    assert rows["0"]["status"] == "failed", rows["0"]
+    assert re.search(r"state: (FAILED|CANCELLED)", rows["0"]["error"]), rows["0"]
     # scancel'd while pending: CANCELLED in sacct, or no record at all when SLURM had not split it off the array yet
     assert rows["2"]["status"] == "failed", rows["2"]
     assert "state: CANCELLED" in rows["2"]["error"] or "cancelled before it started" in rows["2"]["error"], rows["2"]
