@@ -16,7 +16,6 @@ from loralab.store import run_id
 from conftest import needs_glue
 
 SHORT_LIMITS = {"sst2": 4000, "mrpc": 2000, "cola": 4000, "rte": 1500, "stsb": 3000}  # the short schedule (QLoRA)
-HALF_LIMITS = {"sst2": 2000, "stsb": 1500}  # Tables 5, 6 and the figures
 CONVERGED = {"sst2": (2, 20000), "mrpc": (10, None), "cola": (10, None), "rte": (10, None), "stsb": (6, None)}
 
 
@@ -34,11 +33,10 @@ def test_each_part_composes_to_distinct_runs_on_the_stated_schedule(name: str, r
         for job in sweep.jobs():
             cfg = composed(tuple(job))
             epochs = cfg.trainer["max_epochs"]
-            if name in ("search", "table2"):  # full train splits (SST-2: 20,000), each task's epochs
+            if name == "qlora":
+                assert epochs == 2 and cfg.data.train_limit == SHORT_LIMITS[cfg.task.name]
+            else:  # full train splits (SST-2: 20,000), each task's epochs
                 assert (epochs, cfg.data.train_limit) == CONVERGED[cfg.task.name]
-            else:
-                limits = SHORT_LIMITS if name == "qlora" else HALF_LIMITS
-                assert epochs == 2 and cfg.data.train_limit == limits[cfg.task.name]
             assert cfg.model.name == "minilm"
             ids.add(run_id(cfg))
             methods.add((cfg.lora.method, cfg.optim.lr))
@@ -61,6 +59,26 @@ def test_the_searches_seed_0_runs_are_table_2s() -> None:
 
     search, table2 = ids("search"), ids("table2")
     assert len(table2) == 20 and len(search & table2) == 10  # lora and full: 5 tasks each; bitfit, head not searched
+
+
+def test_parts_share_runs_and_count_each_once(tmp_path: Path) -> None:
+    """Table 6's r=8 q,v cells are Table 2's LoRA seed-0 runs (the search's trials) and the figures' seed-0 adapters
+    are Table 6's: one folder each in the shared store, counted in the compute of the first part that lists it."""
+    from loralab.analysis.reproduction import part_compute, part_runs
+
+    paths = Paths(tmp_path / "runs", tmp_path / "docs", tmp_path / "R.md")
+    table2, table6, figures = (part_runs(n, paths) for n in ("table2", "table6", "figures"))
+    assert len(table2 & table6) == 2 and {f.parent.name for f in table2 & table6} == {"sst2", "stsb"}
+    assert len(figures - table6) == 1  # r=64 at seed 1
+    now = 1_000_000.0
+    for folder in (table2 & table6) | (figures - table6):  # 60 s each: two shared runs, one of the figures' own
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"status": "finished", "job_started_at": now,
+                                                         "finished_at": now + 60}))
+    counts = {n: part_compute(n, paths) for n in ("search", "table2", "table6", "figures")}
+    none = {"runs": 0, "compute_s": 0}  # the shared runs are the search's trials at the chosen rate: counted there
+    assert counts == {"search": {"runs": 2, "compute_s": 120}, "table2": none, "table6": none,
+                      "figures": {"runs": 1, "compute_s": 60}}
 
 
 def test_a_search_hands_its_learning_rates_to_optunas_grid() -> None:
@@ -105,7 +123,7 @@ def test_figures_part_end_to_end_on_tiny_real_runs(tmp_path: Path, token_cache: 
     text = report.read_text()
     assert text.startswith("# Reproduction\nhand-written prose\n")
     assert "<!-- reproduce:figures -->" in text and "1 run trained" in text  # r=4, 8, 64 at seed 0 are Table 6's runs
-    assert len(list((tmp_path / "runs" / "table6" / "sst2").glob("*/adapter"))) == 3
+    assert len(list((tmp_path / "runs" / "table2" / "sst2").glob("*/adapter"))) == 4
     for folder, (r1, r2) in (("fig3_r8_vs_r64", (8, 64)), ("fig4_r64_seeds", (64, 64))):
         data = json.loads((tmp_path / "docs" / folder / "similarity.json").read_text())
         assert sorted(res["module"].rsplit(".", 1)[-1] for res in data["results"]) == ["query", "value"]

@@ -9,19 +9,19 @@ REPRODUCTION.md (between `<!-- reproduce:NAME -->` markers) are rewritten in pla
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import CONF_DIR
 from ..errors import ConfigError
 from ..store import RESULTS, hardware_text, read_results, write_text
-from ..sweep.collect import read_all
 from ..tasks import TASKS as TASK_TABLE
 from .reports import SimilarityReport, write_amplification, write_similarity, write_table
 
@@ -31,8 +31,10 @@ SEEDS = "0,1,2"
 LRS = {CONVERGED: "5e-4,1e-3,2e-3", FULL: "2e-5,5e-5,1e-4"}  # the learning-rate grid each search tries (seed 0)
 Q, QV, QKVO = "[query]", "[query,value]", "[query,key,value,attention.output.dense]"
 MIDDLE_LAYER = 3  # of MiniLM-L6's layers 0-5
-HALF = {"sst2": "2000", "stsb": "1500"}  # training examples per cell of Tables 5 and 6 (short schedule)
-FIGURE_RUN = {"task": "sst2", "data.train_limit": HALF["sst2"], "lora.target_modules": QV}
+# The converged schedule's run store, shared by Tables 2, 5, 6 and the figures: a run two of them need (Table 6's
+# r=8 q,v cell is Table 2's LoRA seed-0 run) trains once.
+CONVERGED_STORE = "table2"
+FIGURE_RUN = {"task": "sst2", "lora.target_modules": QV}
 REPO = CONF_DIR.parent
 
 
@@ -76,11 +78,12 @@ class Part:
     title: str
     sweeps: tuple[Sweep, ...]
     table: dict[str, Any] | None = None  # `write_table` arguments for this part's store (None: its own analysis)
-    stores: tuple[str, ...] = field(default=())  # run stores its compute is counted from (default: its sweeps')
+    needs_every_run: bool = False  # its analysis reads every run (the figures); a table shows whichever finished
 
 
 def _searches() -> tuple[Sweep, ...]:
-    return tuple(Sweep(f"{method}_{task}", {"task": task, "optim.lr": LRS[experiment]}, "table2", experiment, True)
+    return tuple(Sweep(f"{method}_{task}", {"task": task, "optim.lr": LRS[experiment]}, CONVERGED_STORE, experiment,
+                       True)
                  for method, experiment in (("lora", CONVERGED), ("full", FULL)) for task in TASKS.split(","))
 
 
@@ -93,34 +96,34 @@ PARTS: dict[str, Part] = {
     "table2": Part(
         "Table 2: full fine-tuning vs LoRA (r=8, q,v) vs BitFit vs head only, median of 3 seeds",
         (
-            Sweep("lora", {"task": TASKS, "seed": SEEDS}, "table2"),
-            Sweep("full", {"task": TASKS, "seed": SEEDS}, "table2", FULL),
-            Sweep("bitfit", {"task": TASKS, "seed": SEEDS, "lora": "bitfit"}, "table2"),
-            Sweep("head", {"task": TASKS, "seed": SEEDS, "lora": "head"}, "table2"),
+            Sweep("lora", {"task": TASKS, "seed": SEEDS}, CONVERGED_STORE),
+            Sweep("full", {"task": TASKS, "seed": SEEDS}, CONVERGED_STORE, FULL),
+            Sweep("bitfit", {"task": TASKS, "seed": SEEDS, "lora": "bitfit"}, CONVERGED_STORE),
+            Sweep("head", {"task": TASKS, "seed": SEEDS, "lora": "head"}, CONVERGED_STORE),
         ),
         table={"layout": "table2"},
     ),
-    # Tables 5, 6, 7 and the figures: still the short schedule (one seed per cell, half of its subsets, 2 epochs).
+    # Tables 5, 6, 7 and the figures: Table 2's converged schedule, one seed per cell.
     "table6": Part(
-        "Table 6: rank r x weight types, seed 0, short schedule (half of its training subset, 2 epochs)",
-        tuple(Sweep(task, {"task": task, "data.train_limit": HALF[task], "lora.r": "1,2,4,8,64",
-                           "lora.target_modules": f"{Q},{QV},{QKVO}"}, "table6", SHORT) for task in HALF),
+        "Table 6: rank r x weight types, seed 0, converged schedule (its r=8 q,v cells are Table 2's LoRA runs)",
+        tuple(Sweep(task, {"task": task, "lora.r": "1,2,4,8,64", "lora.target_modules": f"{Q},{QV},{QKVO}"},
+                    CONVERGED_STORE) for task in ("sst2", "stsb")),
         table={"layout": "table6"},
     ),
     "table5": Part(
-        "Table 5: weight types at an equal parameter budget, seed 0, short schedule on 2,000 SST-2 examples",
-        (Sweep("budget", {"task": "sst2", "data.train_limit": HALF["sst2"], "lora": ",".join(
-            f"budget/{b}" for b in ("q_r8", "k_r8", "v_r8", "o_r8", "qk_r4", "qv_r4", "qkvo_r2"))}, "table5", SHORT),),
+        "Table 5: weight types at an equal parameter budget, seed 0, converged schedule on SST-2",
+        (Sweep("budget", {"task": "sst2", "lora": ",".join(
+            f"budget/{b}" for b in ("q_r8", "k_r8", "v_r8", "o_r8", "qk_r4", "qv_r4", "qkvo_r2"))}, CONVERGED_STORE),),
         table={"layout": "table5"},
     ),
     "figures": Part(
-        "Figures 3 and 4 (subspace similarity) and Table 7 (amplification): SST-2 q,v adapters of Table 6",
+        "Figures 3 and 4 (subspace similarity) and Table 7 (amplification): SST-2 q,v adapters of Tables 2 and 6",
         (
             # r=4, 8, 64 at seed 0 are Table 6's runs (skipped when that part ran); the second r=64 seed is new.
-            Sweep("table6_runs", {**FIGURE_RUN, "lora.r": "4,8,64"}, "table6", SHORT),
-            Sweep("r64_seed1", {**FIGURE_RUN, "lora.r": "64", "seed": "1"}, "figures", SHORT),
+            Sweep("table6_runs", {**FIGURE_RUN, "lora.r": "4,8,64"}, CONVERGED_STORE),
+            Sweep("r64_seed1", {**FIGURE_RUN, "lora.r": "64", "seed": "1"}, CONVERGED_STORE),
         ),
-        stores=("figures",),
+        needs_every_run=True,
     ),
     "qlora": Part(
         "QLoRA on CPU: LoRA r=8 q,v over an fp32, int8 or nf4 (double-quantized) frozen base, seed 0, short schedule",
@@ -133,7 +136,7 @@ PARTS: dict[str, Part] = {
 # ----------------------------------------------------------------------------- running
 
 
-@dataclass
+@dataclass(frozen=True)
 class Paths:
     root: Path   # run stores: <root>/<store>/<task>/<run_id>
     docs: Path   # tables and figures
@@ -165,10 +168,19 @@ def run_sweep(sweep: Sweep, paths: Paths) -> None:
 
 def run_dir(paths: Paths, store: str, overrides: list[str]) -> Path:
     """The content-addressed folder of the run these overrides describe (the same id train.py computes)."""
+    return _run_dir(paths, store, tuple(overrides))
+
+
+@functools.cache  # parts share runs, and composing one costs ~0.2 s
+def _run_dir(paths: Paths, store: str, overrides: tuple[str, ...]) -> Path:
     from ..config import compose
     from ..store import run_dir as store_run_dir
 
     return store_run_dir(compose([*overrides, *paths.extra, f"store.root={paths.store(store)}"]))
+
+
+def part_runs(name: str, paths: Paths) -> set[Path]:
+    return {run_dir(paths, sweep.store, job) for sweep in PARTS[name].sweeps for job in sweep.jobs()}
 
 
 # ----------------------------------------------------------------------------- analysis per part
@@ -178,7 +190,7 @@ def analyse_table(name: str, paths: Paths) -> str:
     """The part's table from its own runs only (a store may hold others: Table 2's holds every point of the search)."""
     part, out = PARTS[name], paths.docs / name
     store = part.sweeps[0].store
-    ids = {run_dir(paths, store, job).name for sweep in part.sweeps for job in sweep.jobs()}
+    ids = {folder.name for folder in part_runs(name, paths)}
     report = write_table(paths.store(store), out, **part.table, only=ids)
     for line in report.warnings():
         print(line, file=sys.stderr)
@@ -187,9 +199,9 @@ def analyse_table(name: str, paths: Paths) -> str:
 
 
 def analyse_figures(paths: Paths) -> str:
-    sst2 = [f"+experiment={SHORT}", *(f"{k}={v}" for k, v in FIGURE_RUN.items())]
-    r4, r8, r64 = (run_dir(paths, "table6", [*sst2, f"lora.r={r}"]) for r in (4, 8, 64))
-    r64_seed1 = run_dir(paths, "figures", [*sst2, "lora.r=64", "seed=1"])
+    sst2 = [f"+experiment={CONVERGED}", *(f"{k}={v}" for k, v in FIGURE_RUN.items())]
+    r4, r8, r64 = (run_dir(paths, CONVERGED_STORE, [*sst2, f"lora.r={r}"]) for r in (4, 8, 64))
+    r64_seed1 = run_dir(paths, CONVERGED_STORE, [*sst2, "lora.r=64", "seed=1"])
     fig3 = write_similarity(r8, r64, paths.docs / "fig3_r8_vs_r64", layer=MIDDLE_LAYER)
     fig4 = write_similarity(r64, r64_seed1, paths.docs / "fig4_r64_seeds", layer=MIDDLE_LAYER)
     blocks = [similarity_block("Figure 3 style: r=8 vs r=64 (seed 0)", fig3, paths),
@@ -264,14 +276,12 @@ def analyse(name: str, paths: Paths) -> str:
 # ----------------------------------------------------------------------------- report
 
 
-def part_compute(part: Part, paths: Paths) -> dict:
-    """Runs and compute time of a part: each finished run's wall time from its (last) start to its end. The runs are
-    those of the part's jobs, or every run in `part.stores` when it names them."""
-    if part.stores:
-        results = [r for store in part.stores for r in read_all(paths.store(store))]
-    else:
-        folders = {run_dir(paths, sweep.store, job) for sweep in part.sweeps for job in sweep.jobs()}
-        results = [{**r, "_path": str(f)} for f in folders if (r := read_results(f))]
+def part_compute(name: str, paths: Paths) -> dict:
+    """Runs and compute time of a part: each finished run's wall time from its (last) start to its end. A run two
+    parts share (Table 2's seed-0 runs are the search's trials) counts in the first of PARTS that lists it."""
+    earlier = list(PARTS)[:list(PARTS).index(name)]
+    folders = part_runs(name, paths).difference(*(part_runs(n, paths) for n in earlier))
+    results = [{**r, "_path": str(f)} for f in folders if (r := read_results(f))]
     runs, seconds = 0, 0.0
     for result in results:
         if result.get("status") == "finished" and result.get("job_started_at"):
@@ -287,8 +297,9 @@ def block(name: str, body: str, compute: dict, paths: Paths) -> str:
     cmds = "\n".join(" ".join(["python train.py -m", *s.overrides(), *paths.extra, f"store.root={paths.store(s.store)}"])
                      for s in part.sweeps)
     runs = compute["runs"]
-    return (f"<!-- reproduce:{name} -->\n_{part.title}. {runs} run{'' if runs == 1 else 's'} trained, "
-            f"{compute['compute_s'] / 60:.1f} min of compute on {hardware_text()}. Regenerate this block: "
+    return (f"<!-- reproduce:{name} -->\n_{part.title}. {runs} run{'' if runs == 1 else 's'} trained for this part "
+            f"(a run an earlier part lists counts there), {compute['compute_s'] / 60:.1f} min of compute on "
+            f"{hardware_text()}. Regenerate this block: "
             f"`loralab reproduce --only {name}`, which runs:_\n\n```\n{cmds}\n```\n\n{body}\n"
             f"<!-- /reproduce:{name} -->")
 
@@ -309,9 +320,12 @@ def reproduce(names: list[str], paths: Paths, analysis_only: bool = False) -> No
         if not analysis_only:
             for sweep in PARTS[name].sweeps:
                 run_sweep(sweep, paths)
-        compute = part_compute(PARTS[name], paths)
-        if analysis_only and not compute["runs"]:  # its runs are on another machine, or not trained yet
-            print(f"{name}: no finished runs under {paths.root}; its block in {paths.report} is left as it is",
+        compute = part_compute(name, paths)
+        finished = [bool((r := read_results(f)) and r.get("status") == "finished") for f in part_runs(name, paths)]
+        if analysis_only and not (all if PARTS[name].needs_every_run else any)(finished):
+            # its runs are on another machine, or not trained yet
+            print(f"{name}: {sum(finished)} of its {len(finished)} runs finished under {paths.root}; its block in "
+                  f"{paths.report} is left as it is",
                   flush=True)
             continue
         body = analyse(name, paths)
