@@ -23,6 +23,7 @@ from ..config import CONF_DIR
 from ..errors import ConfigError
 from ..store import RESULTS, hardware_text, read_results, write_text
 from ..tasks import TASKS as TASK_TABLE
+from .comparison import comparison_markdown, read_references
 from .reports import SimilarityReport, write_amplification, write_similarity, write_table
 
 CONVERGED, FULL, SHORT = "repro_minilm", "repro_minilm_full", "repro_minilm_short"  # conf/experiment/
@@ -36,6 +37,7 @@ MIDDLE_LAYER = 3  # of MiniLM-L6's layers 0-5
 CONVERGED_STORE = "table2"
 FIGURE_RUN = {"task": "sst2", "lora.target_modules": QV}
 REPO = CONF_DIR.parent
+REFERENCES = "reference_scores.csv"  # in the docs folder: the comparison table's reference rows
 
 
 @dataclass(frozen=True)
@@ -267,10 +269,21 @@ def analyse_search(paths: Paths) -> str:
     return "\n".join(lines)
 
 
+def analyse_comparison(paths: Paths) -> str:
+    """Table 2's runs beside the Trainer + peft yardstick and published scores (docs/reproduction/reference_scores.csv)."""
+    results = [r for folder in part_runs("table2", paths) if (r := read_results(folder))]
+    table = comparison_markdown(results, read_references(paths.docs / REFERENCES))
+    return (f"**Comparison** (each task's metric as its reference rows report it; loralab: each run's best epoch "
+            f"for that metric, median over seeds; reference rows: `docs/reproduction/{REFERENCES}`)\n\n{table}")
+
+
 def analyse(name: str, paths: Paths) -> str:
     if name == "search":
         return analyse_search(paths)
-    return analyse_figures(paths) if PARTS[name].table is None else analyse_table(name, paths)
+    if PARTS[name].table is None:
+        return analyse_figures(paths)
+    body = analyse_table(name, paths)
+    return f"{body}\n\n{analyse_comparison(paths)}" if name == "table2" else body
 
 
 # ----------------------------------------------------------------------------- report
