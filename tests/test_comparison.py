@@ -29,22 +29,27 @@ def test_the_committed_references_score_each_glue_column_with_one_metric() -> No
 def test_loralab_rows_are_the_median_of_each_runs_best_epoch_for_the_reference_metric() -> None:
     refs = read_references(REFERENCES)
     runs = [
-        _run("lora", "mrpc", [{"accuracy": 0.70, "f1": 0.80}, {"accuracy": 0.69, "f1": 0.86}]),  # best F1: epoch 2
+        _run("lora", "mrpc", [{"accuracy": 0.70, "f1": 0.80}, {"accuracy": 0.69, "f1": 0.86},  # best F1: epoch 2
+                              {"accuracy": 0.72, "f1": 0.83}]),
         _run("lora", "mrpc", [{"accuracy": 0.75, "f1": 0.84}]),
         _run("lora", "mrpc", [{"accuracy": 0.99, "f1": 0.99}], status="running"),  # unfinished: left out
         _run("full", "cola", [{"matthews": 0.30}, {"matthews": 0.345}]),
         _run("full", "cola", [{"matthews": 0.32}]),
-        _run("full", "cola", [{"matthews": 0.10}]),
+        _run("full", "cola", [{"matthews": float("nan")}, {"matthews": 0.10}]),  # a collapsed epoch: NaN MCC
     ]
-    text = comparison_markdown(runs, refs)
+    text = comparison_markdown(runs, refs, seeds=3)
     lines = text.splitlines()
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
     assert lines[0] == "| | sst2 (acc) | mrpc (F1) | cola (MCC) | rte (acc) | stsb (Pearson) |"
     full = next(line for line in lines if line.startswith("| loralab, full fine-tuning"))
     lora = next(line for line in lines if line.startswith("| loralab, LoRA r=8 q,v"))
     assert lines.index(full) < lines.index(lora)  # the paper's row order
-    assert full.split(" | ")[1:] == ["-", "-", "32.0", "-", "- |"]  # 3 seeds: no count shown
-    assert lora.split(" | ")[2] == "85.0 (2 seeds)"  # median of 86 and 84
-    assert "| Published: DistilBERT 6L/768 (Sanh et al. 2019) | 91.3 | 87.5 | 51.3 | 59.9 | 86.9 |" in lines
+    assert cells(full)[1:] == ["-", "-", "32.0", "-", "-"]  # median of 34.5, 32 and 10; 3 seeds: no count shown
+    assert cells(lora)[2] == "85.0 (2 seeds)"  # median of 86 (the middle epoch) and 84
+    assert "| Published: DistilBERT 6L/768 (Sanh et al. 2019, DistilBERT) | 91.3 | 87.5 | 51.3 | 59.9 | 86.9 |" in lines
     assert "Sources of the reference rows:" in lines
 
 
@@ -53,4 +58,12 @@ def test_a_task_scored_with_two_metrics_is_refused(tmp_path: Path) -> None:
     pd.DataFrame({"row": ["a", "b"], "task": ["mrpc", "mrpc"], "metric": ["f1", "accuracy"], "value": [80, 70],
                   "source": ["x", "y"]}).to_csv(bad, index=False)
     with pytest.raises(AnalysisError, match="mrpc"):
+        read_references(bad)
+
+
+def test_a_row_scoring_a_task_twice_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "refs.csv"
+    pd.DataFrame({"row": ["a", "a"], "task": ["rte", "rte"], "metric": ["accuracy", "accuracy"], "value": [60, 61],
+                  "source": ["x", "y"]}).to_csv(bad, index=False)
+    with pytest.raises(AnalysisError, match="'a' scores rte twice"):
         read_references(bad)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from loralab.cli import main as cli
 from loralab.config import Config, compose
-from loralab.analysis.reproduction import PARTS, Paths, reproduce, splice
+from loralab.analysis.reproduction import PARTS, Paths, part_runs, reproduce, splice
 from loralab.store import run_id
 
-from conftest import needs_glue
+from conftest import REPO, needs_glue
 
 SHORT_LIMITS = {"sst2": 4000, "mrpc": 2000, "cola": 4000, "rte": 1500, "stsb": 3000}  # the short schedule (QLoRA)
 CONVERGED = {"sst2": (2, 20000), "mrpc": (10, None), "cola": (10, None), "rte": (10, None), "stsb": (6, None)}
@@ -64,7 +65,7 @@ def test_the_searches_seed_0_runs_are_table_2s() -> None:
 def test_parts_share_runs_and_count_each_once(tmp_path: Path) -> None:
     """Table 6's r=8 q,v cells are Table 2's LoRA seed-0 runs (the search's trials) and the figures' seed-0 adapters
     are Table 6's: one folder each in the shared store, counted in the compute of the first part that lists it."""
-    from loralab.analysis.reproduction import part_compute, part_runs
+    from loralab.analysis.reproduction import part_compute
 
     paths = Paths(tmp_path / "runs", tmp_path / "docs", tmp_path / "R.md")
     table2, table6, figures = (part_runs(n, paths) for n in ("table2", "table6", "figures"))
@@ -109,6 +110,36 @@ def test_unknown_part_is_named_with_the_choices(capsys) -> None:
     assert cli(["reproduce", "--only", "tabel2", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "--only" in err and "tabel2" in err and "table2" in err
+
+
+def test_analysis_only_waits_for_every_run_of_the_figures_but_not_of_a_table(tmp_path: Path, monkeypatch,
+                                                                              capsys) -> None:
+    """The figures read all four adapters: with three finished their block is left alone. A table shows whichever
+    cells finished, so one finished run is enough to write its block."""
+    import loralab.analysis.reproduction as reproduction
+
+    monkeypatch.setattr(reproduction, "analyse", lambda name, paths: f"{name} analysed")
+    paths = Paths(tmp_path / "runs", tmp_path / "docs", tmp_path / "R.md")
+    paths.report.write_text("# R\n")
+    figures = sorted(part_runs("figures", paths))
+    for folder in figures[:3]:
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"status": "finished"}))
+    reproduce(["figures"], paths, analysis_only=True)
+    assert paths.report.read_text() == "# R\n" and "3 of its 4 runs finished" in capsys.readouterr().out
+    reproduce(["table6"], paths, analysis_only=True)  # three of Table 6's runs are among them
+    assert "<!-- reproduce:table6 -->" in paths.report.read_text() and "table6 analysed" in paths.report.read_text()
+
+
+def test_the_adapters_the_figures_read_are_committed() -> None:
+    """.gitignore keeps adapters local except the figures' four (by run id): a config change that moves those ids
+    must update it, or a fresh clone could not rebuild the figures."""
+    paths = Paths(REPO / "docs" / "reproduction" / "runs", REPO / "docs" / "reproduction", REPO / "REPRODUCTION.md")
+    for folder in part_runs("figures", paths):
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            path = (folder / "adapter" / name).relative_to(REPO)
+            ignored = subprocess.run(["git", "check-ignore", "--no-index", "-q", str(path)], cwd=REPO)
+            assert ignored.returncode == 1, f"{path} is ignored: update .gitignore's list of the figures' adapters"
 
 
 @needs_glue("sst2")

@@ -32,12 +32,13 @@ SEEDS = "0,1,2"
 LRS = {CONVERGED: "5e-4,1e-3,2e-3", FULL: "2e-5,5e-5,1e-4"}  # the learning-rate grid each search tries (seed 0)
 Q, QV, QKVO = "[query]", "[query,value]", "[query,key,value,attention.output.dense]"
 MIDDLE_LAYER = 3  # of MiniLM-L6's layers 0-5
-# The converged schedule's run store, shared by Tables 2, 5, 6 and the figures: a run two of them need (Table 6's
-# r=8 q,v cell is Table 2's LoRA seed-0 run) trains once.
+# The converged schedule's run store, shared by Tables 2, 5, 6 and the figures: a run two of them need trains once
+# (Table 6's r=8 q,v cells are Table 2's LoRA seed-0 runs; Table 5's q r=8, q,v r=4 and q,k,v,o r=2 cells are
+# Table 6's; the figures' seed-0 adapters are Table 6's).
 CONVERGED_STORE = "table2"
 FIGURE_RUN = {"task": "sst2", "lora.target_modules": QV}
 REPO = CONF_DIR.parent
-REFERENCES = "reference_scores.csv"  # in the docs folder: the comparison table's reference rows
+REFERENCES = REPO / "docs" / "reproduction" / "reference_scores.csv"  # the comparison table's reference rows
 
 
 @dataclass(frozen=True)
@@ -272,9 +273,10 @@ def analyse_search(paths: Paths) -> str:
 def analyse_comparison(paths: Paths) -> str:
     """Table 2's runs beside the Trainer + peft yardstick and published scores (docs/reproduction/reference_scores.csv)."""
     results = [r for folder in part_runs("table2", paths) if (r := read_results(folder))]
-    table = comparison_markdown(results, read_references(paths.docs / REFERENCES))
-    return (f"**Comparison** (each task's metric as its reference rows report it; loralab: each run's best epoch "
-            f"for that metric, median over seeds; reference rows: `docs/reproduction/{REFERENCES}`)\n\n{table}")
+    table = comparison_markdown(results, read_references(REFERENCES), seeds=len(SEEDS.split(",")))
+    return (f"**Comparison** (each task's metric as its reference rows report it; loralab: each run's best dev epoch "
+            f"for that metric, median over seeds, where the Trainer rows report their last epoch; reference rows: "
+            f"`{REFERENCES.relative_to(REPO).as_posix()}`)\n\n{table}")
 
 
 def analyse(name: str, paths: Paths) -> str:
@@ -292,7 +294,8 @@ def analyse(name: str, paths: Paths) -> str:
 def part_compute(name: str, paths: Paths) -> dict:
     """Runs and compute time of a part: each finished run's wall time from its (last) start to its end. A run two
     parts share (Table 2's seed-0 runs are the search's trials) counts in the first of PARTS that lists it."""
-    earlier = list(PARTS)[:list(PARTS).index(name)]
+    stores = {sweep.store for sweep in PARTS[name].sweeps}
+    earlier = [n for n in list(PARTS)[:list(PARTS).index(name)] if stores & {s.store for s in PARTS[n].sweeps}]
     folders = part_runs(name, paths).difference(*(part_runs(n, paths) for n in earlier))
     results = [{**r, "_path": str(f)} for f in folders if (r := read_results(f))]
     runs, seconds = 0, 0.0
@@ -344,5 +347,5 @@ def reproduce(names: list[str], paths: Paths, analysis_only: bool = False) -> No
         body = analyse(name, paths)
         report = paths.report.read_text() if paths.report.exists() else "# Reproduction\n"
         write_text(paths.report, splice(report, name, block(name, body, compute, paths)))
-        print(f"{name}: {compute['runs']} run(s) trained ({compute['compute_s'] / 60:.1f} min of compute); this call "
+        print(f"{name}: {compute['runs']} run(s) counted ({compute['compute_s'] / 60:.1f} min of compute); this call "
               f"{(time.time() - start) / 60:.1f} min -> {paths.report}", flush=True)
