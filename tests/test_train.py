@@ -189,7 +189,7 @@ from loralab.lightning.interrupt import Interruption
 from loralab.run.module import GlueModule
 from loralab.run.train import run
 
-Interruption.grace_s = 2.0
+Interruption.grace_s = 6.0  # interrupt after 6 s, kill after 12: teardown and the results write need the 6 s on a busy CI
 
 def hang(self, batch, batch_idx):  # a first step that never returns, as a torch.compile that hangs
     print("first step", flush=True)
