@@ -213,7 +213,9 @@ def test_sigterm_ends_a_step_that_never_returns(tmp_path: Path, token_cache: Pat
     cmd = [sys.executable, "-c", HANGING_STEP, "task=rte", "data.train_limit=32", "data.val_limit=16",
            f"store.root={store}", f"data.cache_dir={token_cache}", "trainer.enable_progress_bar=false"]
     with open(tmp_path / "log", "w") as log:
-        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        # started with SIGINT ignored, as under nohup or a pytest-xdist worker: the grace-period interrupt must still land
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         deadline = time.monotonic() + 600
         while "first step" not in (tmp_path / "log").read_text() and child.poll() is None:
             assert time.monotonic() < deadline

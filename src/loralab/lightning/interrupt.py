@@ -92,6 +92,10 @@ class Interruption(L.Callback):
     def _arm(self) -> None:
         if self._timer is not None:
             return
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # interrupt_main() does nothing while SIGINT is ignored, as it is in a process started under nohup or by
+            # a pytest-xdist worker: the hanging step would only ever meet the hard kill, with no record written
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
         def deadline() -> None:
             _thread.interrupt_main()
