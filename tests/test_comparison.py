@@ -53,17 +53,13 @@ def test_loralab_rows_are_the_median_of_each_runs_best_epoch_for_the_reference_m
     assert "Sources of the reference rows:" in lines
 
 
-def test_a_task_scored_with_two_metrics_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("rows", "tasks", "metrics", "match"), [
+    (["a", "b"], ["mrpc", "mrpc"], ["f1", "accuracy"], "mrpc"),  # one task, two metrics
+    (["a", "a"], ["rte", "rte"], ["accuracy", "accuracy"], "'a' scores rte twice"),  # one row, one task twice
+])
+def test_an_ambiguous_reference_file_is_refused(tmp_path: Path, rows, tasks, metrics, match: str) -> None:
     bad = tmp_path / "refs.csv"
-    pd.DataFrame({"row": ["a", "b"], "task": ["mrpc", "mrpc"], "metric": ["f1", "accuracy"], "value": [80, 70],
-                  "source": ["x", "y"]}).to_csv(bad, index=False)
-    with pytest.raises(AnalysisError, match="mrpc"):
-        read_references(bad)
-
-
-def test_a_row_scoring_a_task_twice_is_refused(tmp_path: Path) -> None:
-    bad = tmp_path / "refs.csv"
-    pd.DataFrame({"row": ["a", "a"], "task": ["rte", "rte"], "metric": ["accuracy", "accuracy"], "value": [60, 61],
-                  "source": ["x", "y"]}).to_csv(bad, index=False)
-    with pytest.raises(AnalysisError, match="'a' scores rte twice"):
+    pd.DataFrame({"row": rows, "task": tasks, "metric": metrics, "value": [60, 61], "source": ["x", "y"]}).to_csv(
+        bad, index=False)
+    with pytest.raises(AnalysisError, match=match):
         read_references(bad)
